@@ -1,0 +1,315 @@
+"""HTTP/1.1 forwarding with h11: one downstream server connection, pooled upstream connections.
+
+Theory of operation
+-------------------
+``serve_http1`` reads requests from a downstream connection (an app, or a peer agent) with an h11
+server state machine.  For each request a ``Route`` (outbound or inbound: same anatomy) picks an
+upstream connection; ``forward`` sends the request head, then streams the request body upstream
+in one task while this task streams the response downstream, event by event, so no body is ever
+held whole.  Interim responses (``100 Continue``, ``103``) are relayed as they come, which is all
+``Expect: 100-continue`` needs.  h11 re-frames each hop (Content-Length or chunked, with trailers);
+hop-by-hop headers are dropped (``protocol/http1.py``).
+
+Failure rules (the rescue):
+* nothing sent downstream yet → answer with the error's status and an ``x-nodemesh-error``
+  header (400 bad request, 502 upstream failed, 503 no endpoints, 504 timeout);
+* a response already started → the downstream connection is cut: a truncated response must not
+  look complete;
+* a *reused* upstream connection that closes before any response byte is retried once on a fresh
+  connection, only for an idempotent request without a body: nothing else may be replayed.
+A request with a body that is not fully read (early response, error) ends the downstream
+connection, as HTTP/1.1 requires.  Requests without a body skip the body task entirely: the fast
+path is one send and one event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+import h11
+import trio
+
+from nodemesh.errors import (
+    BadRequest,
+    DownstreamClosed,
+    NodemeshError,
+    ProxyError,
+    UpstreamClosed,
+    UpstreamProtocolError,
+)
+from nodemesh.protocol.http1 import ERROR_HEADER, IDEMPOTENT, forward_headers, header
+from nodemesh.proxy.pool import Upstream
+from nodemesh.transport.edges import downstream_errors, upstream_errors
+
+MAX_HEADER_BYTES = 64 * 1024  # request/response head limit; h11 answers 431 beyond it
+READ_SIZE = 64 * 1024
+
+
+class Route(Protocol):
+    """Where a downstream connection's requests go (outbound: a service; inbound: a local app)."""
+
+    authority: bytes  # Host to send when an HTTP/1.0 client sent none
+
+    async def open(
+        self, req: h11.Request, *, fresh: bool
+    ) -> tuple[Upstream, list[tuple[bytes, bytes]]]:
+        """An upstream connection and the extra headers to add; raises ProxyError."""
+
+    async def release(self, up: Upstream, *, failed: bool, rtt: float) -> None:
+        """Give the connection back (pool or close) and feed the balancer."""
+
+    def record(self, req: h11.Request, status: int, elapsed: float) -> None:
+        """Count one finished request (status 0: cut off after the response started)."""
+
+
+async def next_event(
+    conn: h11.Connection,
+    stream: trio.abc.ReceiveStream,
+    errors: Callable[[], AbstractContextManager[None]],
+) -> h11.Event | type[h11.PAUSED]:
+    while True:
+        ev = conn.next_event()
+        if ev is not h11.NEED_DATA:
+            return ev  # type: ignore[return-value]
+        with errors():
+            data = await stream.receive_some(READ_SIZE)
+        conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes bytearray too
+
+
+async def serve_http1(
+    stream: trio.abc.Stream, route: Route, *, prefix: bytes = b"", idle_timeout: float
+) -> None:
+    """Serve requests on ``stream`` until it closes, errs or idles.  Never raises for peer
+    misbehaviour; the caller closes ``stream``."""
+    ds = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+    if prefix:
+        ds.receive_data(prefix)
+    try:
+        while True:
+            ev: object = None
+            with trio.move_on_after(idle_timeout):
+                try:
+                    ev = await next_event(ds, stream, downstream_errors)
+                except h11.RemoteProtocolError as e:
+                    err = BadRequest(f"malformed HTTP/1.1 request: {e}")
+                    err.status = e.error_status_hint
+                    await respond_error(ds, stream, err)
+                    return
+            if not isinstance(ev, h11.Request):
+                return  # idle timeout, ConnectionClosed
+            if not await forward(ds, stream, ev, route):
+                return
+            ds.start_next_cycle()
+    except DownstreamClosed:
+        return
+
+
+def _has_body(req: h11.Request) -> bool:
+    te = header(req.headers, b"transfer-encoding")
+    if te is not None:
+        return True
+    cl = header(req.headers, b"content-length")
+    return cl is not None and cl.strip() not in (b"0", b"")
+
+
+class _Exchange:
+    """State of one request/response exchange shared by the body pump and the relay."""
+
+    __slots__ = ("error", "request_done", "response_started", "status")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.response_started = False
+        self.request_done = False
+        self.error: NodemeshError | None = None
+
+
+class _Retry(Exception):
+    """A reused upstream closed before answering an idempotent, body-less request."""
+
+
+async def forward(
+    ds: h11.Connection, dstream: trio.abc.Stream, req: h11.Request, route: Route
+) -> bool:
+    """Proxy one request.  Returns True if the downstream connection may serve another."""
+    start = time.perf_counter()
+    has_body = _has_body(req)
+    fresh = False
+    while True:
+        try:
+            up, extra = await route.open(req, fresh=fresh)
+        except ProxyError as e:
+            route.record(req, e.status, time.perf_counter() - start)
+            return await respond_error(ds, dstream, e)
+        sent = time.perf_counter()
+        ex = _Exchange()
+        try:
+            await _exchange(ds, dstream, up, req, extra, has_body, route.authority, ex)
+        except _Retry:
+            await route.release(up, failed=True, rtt=time.perf_counter() - sent)
+            fresh = True
+            continue
+        except ProxyError as e:
+            await route.release(up, failed=True, rtt=time.perf_counter() - sent)
+            if ex.response_started:
+                route.record(req, 0, time.perf_counter() - start)
+                return False
+            route.record(req, e.status, time.perf_counter() - start)
+            return await respond_error(ds, dstream, e)
+        except DownstreamClosed:
+            await route.release(up, failed=False, rtt=time.perf_counter() - sent)
+            route.record(req, 0, time.perf_counter() - start)
+            return False
+        except BaseException:
+            # Cancelled (shutdown) or a bug: never pool a connection in an unknown state.
+            with trio.CancelScope(shield=True):
+                await route.release(up, failed=True, rtt=time.perf_counter() - sent)
+            raise
+        await route.release(up, failed=ex.status >= 500, rtt=time.perf_counter() - sent)
+        route.record(req, ex.status, time.perf_counter() - start)
+        return ex.request_done and ds.our_state is h11.DONE and ds.their_state is h11.DONE
+
+
+async def _exchange(
+    ds: h11.Connection,
+    dstream: trio.abc.Stream,
+    up: Upstream,
+    req: h11.Request,
+    extra: list[tuple[bytes, bytes]],
+    has_body: bool,
+    authority: bytes,
+    ex: _Exchange,
+) -> None:
+    headers = forward_headers(req.headers, extra)
+    if header(headers, b"host") is None:
+        headers.append((b"host", authority))
+    try:
+        head = up.conn.send(h11.Request(method=req.method, target=req.target, headers=headers))
+    except h11.LocalProtocolError as e:
+        raise BadRequest(f"request cannot be forwarded: {e}") from None
+    try:
+        with upstream_errors():
+            await up.stream.send_all(head)
+        if not has_body:
+            ev = await next_event(ds, dstream, downstream_errors)
+            if not isinstance(ev, h11.EndOfMessage):
+                raise BadRequest("request body without framing")
+            ex.request_done = True
+            with upstream_errors():
+                await up.stream.send_all(up.conn.send(h11.EndOfMessage()))
+            await _relay_response(ds, dstream, up, ex)
+            return
+    except UpstreamClosed:
+        if up.reused and not ex.response_started and not has_body and req.method in IDEMPOTENT:
+            raise _Retry() from None
+        raise
+    except h11.RemoteProtocolError as e:
+        raise BadRequest(f"malformed request body: {e}") from None
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_pump_body, ds, dstream, up, ex, nursery.cancel_scope)
+        try:
+            await _relay_response(ds, dstream, up, ex)
+        except (NodemeshError, h11.ProtocolError) as e:
+            ex.error = e if isinstance(e, NodemeshError) else UpstreamProtocolError(str(e))
+        # Response finished (or failed): a body still being sent is abandoned.
+        nursery.cancel_scope.cancel()
+    if ex.error is not None:
+        raise ex.error
+
+
+async def _pump_body(
+    ds: h11.Connection,
+    dstream: trio.abc.Stream,
+    up: Upstream,
+    ex: _Exchange,
+    scope: trio.CancelScope,
+) -> None:
+    try:
+        while True:
+            ev = await next_event(ds, dstream, downstream_errors)
+            if isinstance(ev, h11.Data):
+                out = up.conn.send(ev)
+            elif isinstance(ev, h11.EndOfMessage):
+                out = up.conn.send(h11.EndOfMessage(headers=ev.headers))
+                ex.request_done = True
+            else:
+                raise BadRequest("request body ended unexpectedly")
+            with upstream_errors():
+                await up.stream.send_all(out)
+            if ex.request_done:
+                return
+    except UpstreamClosed:
+        return  # the upstream may still answer (early response); the relay decides
+    except h11.RemoteProtocolError as e:
+        ex.error = BadRequest(f"malformed request body: {e}")
+        scope.cancel()
+    except (NodemeshError, h11.LocalProtocolError) as e:
+        ex.error = e if isinstance(e, NodemeshError) else UpstreamProtocolError(str(e))
+        scope.cancel()
+
+
+async def _relay_response(
+    ds: h11.Connection, dstream: trio.abc.Stream, up: Upstream, ex: _Exchange
+) -> None:
+    while True:
+        try:
+            ev = await next_event(up.conn, up.stream, upstream_errors)
+        except h11.RemoteProtocolError as e:
+            raise UpstreamProtocolError(f"upstream sent malformed HTTP: {e}") from None
+        if isinstance(ev, h11.Data):
+            out = ds.send(ev)
+        elif isinstance(ev, h11.Response):
+            ex.status = ev.status_code
+            out = ds.send(
+                h11.Response(
+                    status_code=ev.status_code,
+                    headers=forward_headers(ev.headers),
+                    reason=ev.reason,
+                )
+            )
+            ex.response_started = True
+        elif isinstance(ev, h11.InformationalResponse):
+            if ev.status_code == 101:
+                raise UpstreamProtocolError(
+                    "upstream switched protocols without an upgrade request"
+                )
+            out = ds.send(
+                h11.InformationalResponse(
+                    status_code=ev.status_code, headers=forward_headers(ev.headers)
+                )
+            )
+        elif isinstance(ev, h11.EndOfMessage):
+            out = ds.send(h11.EndOfMessage(headers=ev.headers))
+            with downstream_errors():
+                await dstream.send_all(out)
+            return
+        else:  # ConnectionClosed mid-response
+            raise UpstreamClosed("upstream closed the connection before the response ended")
+        with downstream_errors():
+            await dstream.send_all(out)
+
+
+async def respond_error(ds: h11.Connection, dstream: trio.abc.Stream, err: ProxyError) -> bool:
+    """Answer ``err`` if no response has started.  True if the connection may continue."""
+    if ds.our_state is not h11.SEND_RESPONSE:
+        return False
+    body = f"{err.detail}\n".encode()
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (ERROR_HEADER, err.reason.encode()),
+    ]
+    if ds.their_state is not h11.DONE:
+        headers.append((b"connection", b"close"))
+    try:
+        out = ds.send(h11.Response(status_code=err.status, headers=headers))
+        out += ds.send(h11.Data(data=body)) + ds.send(h11.EndOfMessage())
+        with downstream_errors():
+            await dstream.send_all(out)
+    except (DownstreamClosed, h11.LocalProtocolError):
+        return False
+    return ds.our_state is h11.DONE and ds.their_state is h11.DONE  # type: ignore[comparison-overlap]

@@ -1,0 +1,93 @@
+"""Per-agent request and connection metrics: counters plus exact HDR latency histograms.
+
+Theory of operation
+-------------------
+A ``Recorder`` holds one ``Series`` per label set (direction, service, peer, status class).
+Recording a request is a dict lookup, two integer additions and one ``record_value`` on an
+HdrHistogram (about 1 µs); nothing is formatted or logged on the hot path.  Label sets are
+bounded: services come from the Consul catalog, status classes are five, and past
+``MAX_SERIES`` new label sets collapse into an ``overflow`` series, counted.
+
+Histograms keep microseconds from 1 µs to 60 s at 3 significant digits, so any percentile is
+exact to 0.1 %, and their standard V2 encoding merges exactly across agents (``nodemesh stat``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from hdrh.histogram import HdrHistogram
+
+LOWEST_US = 1
+HIGHEST_US = 60_000_000
+DIGITS = 3
+MAX_SERIES = 10_000
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+def new_histogram() -> HdrHistogram:
+    return HdrHistogram(LOWEST_US, HIGHEST_US, DIGITS)
+
+
+@dataclass
+class Series:
+    direction: str  # "outbound" | "inbound"
+    service: str  # the destination service
+    peer: str  # outbound: the source identity; inbound: the client identity
+    status: str  # "2xx" ... or "error" (no status: cut off or failed before a response)
+    count: int = 0
+    latency: HdrHistogram = field(default_factory=new_histogram)
+
+    def __repr__(self) -> str:
+        return f"<Series {self.direction} {self.service} {self.peer} {self.status} n={self.count}>"
+
+
+@dataclass
+class TcpSeries:
+    direction: str  # "outbound" | "inbound" | "egress"
+    service: str
+    opened: int = 0
+    closed: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self._series: dict[tuple[str, str, str, str], Series] = {}
+        self._tcp: dict[tuple[str, str], TcpSeries] = {}
+        self.overflowed = 0
+        self.started = time.time()
+
+    def __repr__(self) -> str:
+        return f"<Recorder series={len(self._series)} tcp={len(self._tcp)}>"
+
+    def request(self, direction: str, service: str, peer: str, status: int, seconds: float) -> None:
+        cls = STATUS_CLASSES[status // 100 - 1] if 100 <= status < 600 else "error"
+        key = (direction, service, peer, cls)
+        s = self._series.get(key)
+        if s is None:
+            if len(self._series) >= MAX_SERIES:
+                self.overflowed += 1
+                key = (direction, "overflow", "overflow", cls)
+                s = self._series.get(key)
+            if s is None:
+                s = self._series[key] = Series(*key)
+        s.count += 1
+        us = int(seconds * 1_000_000)
+        s.latency.record_value(min(max(us, LOWEST_US), HIGHEST_US))
+
+    def tcp(self, direction: str, service: str) -> TcpSeries:
+        key = (direction, service)
+        t = self._tcp.get(key)
+        if t is None:
+            t = self._tcp[key] = TcpSeries(direction, service)
+        return t
+
+    def series(self) -> Iterator[Series]:
+        return iter(list(self._series.values()))
+
+    def tcp_series(self) -> Iterator[TcpSeries]:
+        return iter(list(self._tcp.values()))
