@@ -1,0 +1,229 @@
+"""The agent's client for the controller API: HTTPS with h11 over trio.SSLStream.
+
+One request per connection: the agent asks for a few certificates a day, so keep-alive would
+only add a stale-connection failure mode.  The controller's certificate must chain to the CA
+file the operator installed and carry the DNS name ``nodemesh-controller``, whatever address
+it was reached at (an address from Consul may be a NAT-ed one).  Timeouts belong to the
+caller (``with trio.fail_after(...)``).
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h11
+import trio
+
+from nodemesh.config import read_secret
+from nodemesh.errors import ConfigError, IdentityError
+from nodemesh.identity import tls
+
+CONTROLLER_NAME = "nodemesh-controller"  # DNS SAN of the controller's cert and its Consul name
+MAX_RESPONSE = 256 * 1024  # a chain plus roots is a few KiB; anything bigger is not ours
+
+
+class ControllerUnavailable(IdentityError):
+    """The controller could not be reached or did not speak its API; retry later."""
+
+
+class ControllerRefused(IdentityError):
+    """The controller answered with an error; ``status`` is its HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"controller refused ({status}): {message}")
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Signed:
+    certificate: bytes  # leaf then intermediates, PEM
+    roots: bytes
+    not_after: float
+
+
+class ControllerClient:
+    def __init__(self, address: Callable[[], str], ca_pem: bytes, join_token: str) -> None:
+        self._address = address
+        self._join_token = join_token
+        self._ca_pem = ca_pem
+        self._plain = self._context(None)  # checks the CA file's PEM early, at construction
+
+    @classmethod
+    def from_files(
+        cls, address: Callable[[], str], ca_file: Path, join_token_file: Path
+    ) -> ControllerClient:
+        try:
+            ca_pem = ca_file.read_bytes()
+        except OSError as e:
+            raise ConfigError(
+                f"{ca_file}: cannot read the controller CA ({e.strerror}); copy the "
+                "controller's ca.pem there (nodemesh ca show prints where it is)"
+            ) from None
+        try:
+            return cls(address, ca_pem, read_secret(join_token_file, "join token"))
+        except IdentityError as e:
+            raise ConfigError(f"{ca_file}: {e}") from None
+
+    def __repr__(self) -> str:
+        return f"<ControllerClient address={self._address()!r}>"
+
+    # --- API -----------------------------------------------------------------------------------
+
+    async def health(self) -> None:
+        await self._call("GET", "/v1/health", None)
+
+    async def roots(self) -> bytes:
+        status, body = await self._exchange("GET", "/v1/ca/roots", b"", [], None)
+        if status != 200:
+            raise ControllerRefused(status, _error_text(body))
+        return body
+
+    async def sign_node(self, csr_pem: bytes) -> Signed:
+        auth = [("authorization", f"Bearer {self._join_token}")]
+        doc = await self._call("POST", "/v1/sign/node", {"csr": csr_pem.decode()}, auth)
+        return _signed(doc)
+
+    async def sign_service(
+        self, csr_pem: bytes, service: str, node_chain_pem: bytes, node_key_pem: bytes
+    ) -> Signed:
+        body = {"csr": csr_pem.decode(), "service": service}
+        doc = await self._call(
+            "POST", "/v1/sign/service", body, [], client_pair=(node_chain_pem, node_key_pem)
+        )
+        return _signed(doc)
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        doc: dict[str, Any] | None,
+        headers: list[tuple[str, str]] | None = None,
+        *,
+        client_pair: tuple[bytes, bytes] | None = None,
+    ) -> dict[str, Any]:
+        body = json.dumps(doc).encode() if doc is not None else b""
+        status, raw = await self._exchange(method, path, body, headers or [], client_pair)
+        if status != 200:
+            raise ControllerRefused(status, _error_text(raw))
+        try:
+            parsed = json.loads(raw) if raw else {}
+        except ValueError:
+            raise ControllerUnavailable(f"controller answered {path} with invalid JSON") from None
+        if not isinstance(parsed, dict):
+            raise ControllerUnavailable(f"controller answered {path} with a non-object")
+        return parsed
+
+    def _context(self, pair: tuple[bytes, bytes] | None) -> ssl.SSLContext:
+        chain, key = pair if pair is not None else (None, None)
+        ctx = tls.client_context(chain, key, self._ca_pem, alpn=("http/1.1",))
+        ctx.check_hostname = True  # the controller is named by DNS SAN, unlike mesh peers
+        return ctx
+
+    def _target(self) -> tuple[str, int]:
+        addr = self._address()
+        host, sep, port = addr.rpartition(":")
+        if not addr or not sep or not port.isdigit():
+            raise ControllerUnavailable(
+                f"no usable controller address ({addr!r}); set controller.address = "
+                f'"host:port" or register {CONTROLLER_NAME} in Consul'
+            )
+        return host.strip("[]"), int(port)
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        pair: tuple[bytes, bytes] | None,
+    ) -> tuple[int, bytes]:
+        host, port = self._target()
+        where = f"{host}:{port}"
+        ctx = self._plain if pair is None else self._context(pair)
+        try:
+            tcp = await trio.open_tcp_stream(host, port)
+        except OSError as e:
+            raise ControllerUnavailable(
+                f"controller at {where} unreachable: {e.strerror or e}"
+            ) from None
+        stream = trio.SSLStream(tcp, ctx, server_hostname=CONTROLLER_NAME, https_compatible=True)
+        try:
+            return await _roundtrip(stream, method, path, body, headers)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            cause = e.__cause__ or e
+            raise ControllerUnavailable(f"controller at {where} failed: {cause}") from None
+        except h11.ProtocolError as e:
+            raise ControllerUnavailable(f"controller at {where} spoke bad HTTP: {e}") from None
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
+async def _roundtrip(
+    stream: trio.SSLStream[trio.SocketStream],
+    method: str,
+    path: str,
+    body: bytes,
+    headers: list[tuple[str, str]],
+) -> tuple[int, bytes]:
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE)
+    req = h11.Request(
+        method=method,
+        target=path,
+        headers=[
+            ("host", CONTROLLER_NAME),
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+            ("connection", "close"),
+            *headers,
+        ],
+    )
+    out = conn.send(req) or b""
+    if body:
+        out += conn.send(h11.Data(data=body)) or b""
+    out += conn.send(h11.EndOfMessage()) or b""
+    await stream.send_all(out)
+    status = 0
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(bytes(await stream.receive_some(65536)))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            size += len(event.data)
+            if size > MAX_RESPONSE:
+                raise h11.RemoteProtocolError("response body over 256 KiB")
+            chunks.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            return status, b"".join(chunks)
+        elif isinstance(event, h11.ConnectionClosed):
+            raise h11.RemoteProtocolError("connection closed before the response ended")
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+        return str(doc["error"])
+    return body[:200].decode("utf-8", "replace") or "no detail"
+
+
+def _signed(doc: dict[str, Any]) -> Signed:
+    cert, roots, not_after = doc.get("certificate"), doc.get("roots"), doc.get("not_after")
+    if not isinstance(cert, str) or not isinstance(roots, str):
+        raise ControllerUnavailable("controller's answer lacks certificate or roots")
+    if not isinstance(not_after, int | float):
+        raise ControllerUnavailable("controller's answer lacks not_after")
+    return Signed(cert.encode(), roots.encode(), float(not_after))

@@ -1,0 +1,127 @@
+"""Agent-side key material: private keys, CSRs, and what a leaf certificate says.
+
+Keys are generated where they are used (on the agent) and never leave it: the controller only
+ever sees a CSR.  EC P-256 because every TLS stack verifies it fast and its keys are small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from nodemesh.errors import IdentityError
+from nodemesh.identity import spiffe
+from nodemesh.identity.spiffe import SpiffeId
+
+
+@dataclass(frozen=True)
+class LeafInfo:
+    """What a leaf certificate asserts, as plain values (epoch seconds, int serial)."""
+
+    identity: SpiffeId | None
+    not_before: float
+    not_after: float
+    serial: int
+
+    @property
+    def lifetime(self) -> float:
+        return self.not_after - self.not_before
+
+
+def generate_key() -> bytes:
+    """A fresh EC P-256 private key as unencrypted PKCS#8 PEM."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def load_private_key(key_pem: bytes) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise IdentityError(f"private key is not an unencrypted PEM key: {e}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise IdentityError("private key is not an EC key; generate one with generate_key()")
+    return key
+
+
+def make_csr(key_pem: bytes, identity: SpiffeId) -> bytes:
+    """A PEM CSR for ``identity`` signed by ``key_pem``.
+
+    The CSR carries the URI SAN only as a hint: the controller decides the identity it signs.
+    """
+    key = load_private_key(key_pem)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def load_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:
+    """Parse a CSR and check its self-signature (proof that the requester holds the key)."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as e:
+        raise IdentityError(f"CSR is not a PEM certificate request: {e}") from None
+    try:
+        valid = csr.is_signature_valid
+    except Exception as e:  # unsupported algorithms raise from deep inside cryptography
+        raise IdentityError(f"CSR signature cannot be checked: {e}") from None
+    if not valid:
+        raise IdentityError("CSR signature does not match its public key; send a freshly made CSR")
+    return csr
+
+
+def csr_identity(csr: x509.CertificateSigningRequest) -> SpiffeId | None:
+    """The single nodemesh SPIFFE ID a CSR asks for, or None if it asks for none or several."""
+    return _one_identity(csr.extensions)
+
+
+def load_certificates(pem: bytes) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError as e:
+        raise IdentityError(f"not a PEM certificate chain: {e}") from None
+    return certs
+
+
+def leaf_info(cert_pem: bytes) -> LeafInfo:
+    """Identity, validity and serial of the first certificate in ``cert_pem``."""
+    cert = load_certificates(cert_pem)[0]
+    return LeafInfo(
+        identity=_one_identity(cert.extensions),
+        not_before=cert.not_valid_before_utc.timestamp(),
+        not_after=cert.not_valid_after_utc.timestamp(),
+        serial=cert.serial_number,
+    )
+
+
+def public_keys_match(cert_pem: bytes, key_pem: bytes) -> bool:
+    cert = load_certificates(cert_pem)[0]
+    key = load_private_key(key_pem)
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return cert.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
+
+
+def _one_identity(extensions: x509.Extensions) -> SpiffeId | None:
+    try:
+        san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    # Two URI SANs would make "who is this" ambiguous: trust neither.
+    if len(uris) != 1:
+        return None
+    return spiffe.parse(uris[0])
