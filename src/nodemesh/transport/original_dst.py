@@ -51,6 +51,7 @@ def original_dst(sock: trio.socket.SocketType | socket.socket) -> tuple[str, int
     if sock.family == socket.AF_INET6:
         try:
             return parse_sockaddr_in6(
+                # SOL_IPV6 is IPPROTO_IPV6 (41) on Linux; Python names only the latter.
                 sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6_LEN)
             )
         except OSError:
