@@ -1,0 +1,226 @@
+"""A real Consul cluster in the lab: servers on their own hosts, a client agent on every other.
+
+Every agent binds gossip and RPC to its host's 198.18 address and serves its HTTP API on
+127.0.0.1:8500 *inside its namespace*, so each host's apps and nodemesh agent find "the local
+Consul agent" exactly where they would on a VM.  The lab itself talks to that API with curl from
+inside a namespace (the root namespace has no route to 198.18.0.0/24, on purpose).
+
+Timers are the fastest Consul 1.8.7 accepts, so failure tests take seconds, not minutes:
+raft_multiplier 1 (its production setting), LAN gossip probing every 500 ms, and check
+results pushed to the servers at once instead of being coalesced.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nodemesh.lab.netns import Host, LabError, Process, curl, spawn, stop_all, tail
+
+HTTP = "http://127.0.0.1:8500"
+DATACENTER = "dc1"
+START_TIMEOUT = 30.0  # seconds; a 3-server cluster here elects and joins in ~2 s
+
+
+def find_binary(repo: Path) -> Path:
+    """The Consul binary ``scripts/fetch-consul`` names (it downloads one when there is none)."""
+    script = repo / "scripts" / "fetch-consul"
+    try:
+        p = subprocess.run([str(script)], capture_output=True, text=True, timeout=300, check=False)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as e:
+        raise LabError(f"{script}: could not run it ({e}); run scripts/bootstrap") from None
+    path = Path(p.stdout.strip().splitlines()[-1]) if p.stdout.strip() else None
+    if p.returncode != 0 or path is None or not path.exists():
+        raise LabError(f"{script} found no Consul ({p.stderr.strip()}); run scripts/bootstrap")
+    return path
+
+
+def agent_config(
+    host: Host, servers: Sequence[Host], data_dir: Path, server: bool
+) -> dict[str, Any]:
+    """The JSON config of one lab Consul agent (pure: unit-testable)."""
+    cfg: dict[str, Any] = {
+        "node_name": host.name,
+        "datacenter": DATACENTER,
+        "data_dir": str(data_dir),
+        "bind_addr": host.ip,
+        "advertise_addr": host.ip,
+        "client_addr": "127.0.0.1",
+        "server": server,
+        "retry_join": [s.ip for s in servers],
+        "retry_interval": "1s",
+        # Every agent on this machine would derive the same host-based node ID.
+        "disable_host_node_id": True,
+        "disable_update_check": True,
+        "enable_script_checks": False,
+        "check_update_interval": "0s",
+        "performance": {"raft_multiplier": 1},
+        "gossip_lan": {
+            "gossip_interval": "100ms",
+            "probe_interval": "500ms",
+            "probe_timeout": "250ms",
+            "suspicion_mult": 3,
+            "retransmit_mult": 2,
+        },
+        "log_level": "info",
+        "ports": {"grpc": -1},
+    }
+    if server:
+        cfg["bootstrap_expect"] = len(servers)
+        cfg["ui"] = False
+    return cfg
+
+
+@dataclass
+class ConsulAgent:
+    host: Host
+    server: bool
+    config_file: Path
+    process: Process | None = None
+
+    def __repr__(self) -> str:
+        role = "server" if self.server else "client"
+        return f"<ConsulAgent {role}@{self.host.name} {self.process!r}>"
+
+
+def api(
+    host: Host, path: str, *, method: str = "GET", body: Any = None, timeout: float = 5.0
+) -> Any:
+    """Call the Consul HTTP API of ``host``'s local agent; the decoded JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    r = curl(host, HTTP + path, method=method, data=data, timeout=timeout)
+    if r.status != 200:
+        raise LabError(f"consul on {host.name}: {method} {path} -> {r.status or r.error} {r.text}")
+    return r.json() if r.body.strip() else None
+
+
+class ConsulCluster:
+    """N servers and clients; ``start`` returns once there is a leader and every member is alive."""
+
+    def __init__(
+        self, binary: Path, workdir: Path, servers: Sequence[Host], clients: Sequence[Host]
+    ) -> None:
+        if not servers:
+            raise LabError("a Consul cluster needs at least one server host")
+        self.binary = binary
+        self.workdir = workdir
+        self.servers = list(servers)
+        self.agents: dict[str, ConsulAgent] = {}
+        for h in [*servers, *clients]:
+            self.agents[h.name] = ConsulAgent(h, h in servers, workdir / h.name / "consul.json")
+
+    def __repr__(self) -> str:
+        return f"<ConsulCluster servers={[s.name for s in self.servers]} agents={len(self.agents)}>"
+
+    def log_path(self, host: str) -> Path:
+        return self.workdir / host / "consul.log"
+
+    def start_agent(self, name: str) -> Process:
+        a = self.agents[name]
+        if a.process is not None and a.process.running:
+            raise LabError(f"consul on {name} is already running (pid {a.process.pid})")
+        data_dir = self.workdir / name / "consul-data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        a.config_file.write_text(
+            json.dumps(agent_config(a.host, self.servers, data_dir, a.server), indent=2)
+        )
+        argv = [str(self.binary), "agent", f"-config-file={a.config_file}"]
+        a.process = spawn(a.host, argv, self.log_path(name), name="consul")
+        return a.process
+
+    def stop_agent(self, name: str, grace: float = 5.0) -> None:
+        a = self.agents[name]
+        if a.process is not None:
+            a.process.stop(grace)
+
+    def kill_agent(self, name: str) -> None:
+        """SIGKILL: the agent vanishes without leaving, as in a crash or a lost host."""
+        a = self.agents[name]
+        if a.process is not None:
+            a.process.stop(grace=0)
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        for name in self.agents:
+            self.start_agent(name)
+        self.wait_ready(timeout)
+
+    def leader(self) -> str:
+        """The leader's ``ip:port`` as a server reports it, or "" while there is none."""
+        for s in self.servers:
+            try:
+                out = api(s, "/v1/status/leader", timeout=2.0)
+            except LabError:
+                continue
+            if out:
+                return str(out)
+        return ""
+
+    def members(self, via: str | None = None) -> dict[str, int]:
+        """Serf LAN members as ``via`` (default: a live server) sees them: name -> status.
+
+        Status 1 is alive, 3 left, 4 failed (serf's MemberStatus).
+        """
+        hosts = [self.agents[via].host] if via else self.servers
+        last: LabError | None = None
+        for h in hosts:
+            try:
+                return {
+                    m["Name"]: int(m["Status"]) for m in api(h, "/v1/agent/members", timeout=2.0)
+                }
+            except LabError as e:
+                last = e
+        raise last or LabError("no Consul server answered")
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Bounded: a leader, every agent alive in the member list, every local API answering."""
+        deadline = time.monotonic() + timeout
+        want = set(self.agents)
+        state = "no leader"
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if not self.leader():
+                state = "no leader"
+            else:
+                try:
+                    members = self.members()
+                except LabError as e:
+                    members, state = {}, str(e)
+                alive = {n for n, s in members.items() if s == 1}
+                if want <= alive:
+                    missing = [n for n in want if not self._api_up(n)]
+                    if not missing:
+                        return
+                    state = f"local API not answering on {missing}"
+                else:
+                    state = f"members not alive yet: {sorted(want - alive)}"
+            time.sleep(0.2)
+        raise LabError(
+            f"Consul not ready after {timeout:g}s ({state}); see {self.workdir}/*/consul.log"
+        )
+
+    def _api_up(self, name: str) -> bool:
+        try:
+            api(self.agents[name].host, "/v1/agent/self", timeout=2.0)
+        except LabError:
+            return False
+        return True
+
+    def _check_alive(self) -> None:
+        for name, a in self.agents.items():
+            if a.process is not None and not a.process.running:
+                last = tail(self.log_path(name))
+                raise LabError(f"consul on {name} exited ({a.process.popen.returncode}): {last}")
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Clients first, then servers, so no server waits on a departing peer's gossip."""
+        clients = [a.process for a in self.agents.values() if not a.server and a.process]
+        servers = [a.process for a in self.agents.values() if a.server and a.process]
+        try:
+            stop_all(clients, grace)
+        finally:
+            stop_all(servers, grace)
