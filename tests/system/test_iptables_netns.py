@@ -175,3 +175,15 @@ def test_bad_cidr_is_refused_before_touching_iptables(netns: str) -> None:
     assert proc.returncode == 1
     assert "exclude CIDR '10.0.0/33' is not a network" in proc.stderr
     assert not [ln for ln in nat_lines(netns) if "NODEMESH" in ln]
+
+
+def test_an_unprivileged_user_with_cap_net_admin_can_install(netns: str) -> None:
+    # How the agent runs under systemd: its own uid, AmbientCapabilities=CAP_NET_ADMIN.
+    nobody_with_cap = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                       "--inh-caps=+net_admin", "--ambient-caps=+net_admin"]
+    _run("ip", "netns", "exec", netns, *nobody_with_cap, *CLI, "install", "--proxy-uid", "65534")
+    status = json.loads(cli(netns, "show", "-o", "json").stdout)
+    assert status["installed"] is True
+    assert status["rule_count"] == len(rules(InterceptionPlan(proxy_uid=65534)))
+    assert _run("ip", "netns", "exec", netns, *nobody_with_cap, *CLI, "remove").stdout
+    assert not [ln for ln in nat_lines(netns) if "NODEMESH" in ln]
