@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nodemesh.lab.netns import Host, LabError, Process, curl, spawn, stop_all, tail
+from nodemesh.lab import netns
+from nodemesh.lab.netns import Host, LabError, Process, curl, spawn, tail
 
 HTTP = "http://127.0.0.1:8500"
 DATACENTER = "dc1"
@@ -216,11 +217,15 @@ class ConsulCluster:
                 last = tail(self.log_path(name))
                 raise LabError(f"consul on {name} exited ({a.process.popen.returncode}): {last}")
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Clients first, then servers, so no server waits on a departing peer's gossip."""
+    def stop(self, grace: float = 5.0, leave: bool = False) -> None:
+        """Stop every agent: clients first, then servers.
+
+        Without ``leave``, clients are killed rather than left gracefully: a client's leave waits
+        seconds for its broadcast, and a throwaway lab has no one left to tell.
+        """
         clients = [a.process for a in self.agents.values() if not a.server and a.process]
         servers = [a.process for a in self.agents.values() if a.server and a.process]
         try:
-            stop_all(clients, grace)
+            netns.stop_all(clients, grace if leave else 0.0)
         finally:
-            stop_all(servers, grace)
+            netns.stop_all(servers, grace)
