@@ -49,9 +49,7 @@ class ConsulClient:
                 c.http.session.close()
 
         try:
-            return await trio.to_thread.run_sync(
-                run, abandon_on_cancel=True, limiter=self._limiter
-            )
+            return await trio.to_thread.run_sync(run, abandon_on_cancel=True, limiter=self._limiter)
         except (requests.RequestException, consul.ConsulException, ValueError) as e:
             host, port = self.address
             raise ConsulUnavailable(

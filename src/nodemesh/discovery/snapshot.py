@@ -63,8 +63,12 @@ class Snapshot:
     endpoints: Mapping[str, tuple[Endpoint, ...]] = field(default_factory=dict)
     # node -> the inbound address of its agent (any health)
     agents: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    # service -> protocol declared in its registration's Meta.protocol ("http", "tcp")
+    protocols: Mapping[str, str] = field(default_factory=dict)
     # services with an instance on this node, and those instances' addresses
     local: Mapping[str, frozenset[tuple[str, int]]] = field(default_factory=dict)
+    # healthy nodemesh controllers (the API address agents call)
+    controllers: tuple[tuple[str, int], ...] = ()
     # human-readable reasons for entries that were skipped
     rejected: tuple[str, ...] = ()
 
@@ -104,9 +108,7 @@ def parse_entry(service: str, raw: Any) -> Instance:
         checks = []
     passing = all(isinstance(c, Mapping) and c.get("Status") == "passing" for c in checks)
     meta_raw = svc.get("Meta")
-    meta = (
-        {str(k): str(v) for k, v in meta_raw.items()} if isinstance(meta_raw, Mapping) else {}
-    )
+    meta = {str(k): str(v) for k, v in meta_raw.items()} if isinstance(meta_raw, Mapping) else {}
     return Instance(service, node_name, address, port, passing, meta)
 
 
@@ -130,13 +132,20 @@ def build(raw_by_service: Mapping[str, Any], local_node: str) -> Snapshot:
         if inst.passing:
             agent_passing.add(inst.node)
 
+    controllers = tuple(
+        (i.address, i.port) for i in instances.get(CONTROLLER_SERVICE, []) if i.passing
+    )
     by_addr: dict[tuple[str, int], str] = {}
     endpoints: dict[str, list[Endpoint]] = {}
     local: dict[str, set[tuple[str, int]]] = {}
+    protocols: dict[str, str] = {}
     for service in sorted(instances):
         if service in UNMESHED_SERVICES:
             continue
         for inst in instances[service]:
+            declared = inst.meta.get("protocol", "").lower()
+            if declared in ("http", "tcp"):
+                protocols.setdefault(service, declared)
             if inst.node == local_node:
                 local.setdefault(service, set()).add((inst.address, inst.port))
             peer = agents.get(inst.node)
@@ -160,6 +169,8 @@ def build(raw_by_service: Mapping[str, Any], local_node: str) -> Snapshot:
         by_addr=by_addr,
         endpoints={s: tuple(e) for s, e in endpoints.items()},
         agents=agents,
+        protocols=protocols,
+        controllers=controllers,
         local={s: frozenset(a) for s, a in local.items()},
         rejected=tuple(rejected),
     )

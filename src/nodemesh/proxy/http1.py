@@ -79,18 +79,39 @@ async def next_event(
         conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes bytearray too
 
 
+class IdleSet:
+    """Cancel scopes of connections waiting for their next request; a drain cancels them all,
+    so keep-alive connections end between requests instead of holding shutdown open."""
+
+    def __init__(self) -> None:
+        self.scopes: set[trio.CancelScope] = set()
+        self.draining = False
+
+    def drain(self) -> None:
+        self.draining = True
+        for scope in self.scopes:
+            scope.cancel()
+
+
 async def serve_http1(
-    stream: trio.abc.Stream, route: Route, *, prefix: bytes = b"", idle_timeout: float
+    stream: trio.abc.Stream,
+    route: Route,
+    *,
+    prefix: bytes = b"",
+    idle_timeout: float,
+    idle: IdleSet | None = None,
 ) -> None:
-    """Serve requests on ``stream`` until it closes, errs or idles.  Never raises for peer
-    misbehaviour; the caller closes ``stream``."""
+    """Serve requests on ``stream`` until it closes, errs, idles or drains.  Never raises for
+    peer misbehaviour; the caller closes ``stream``."""
     ds = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
     if prefix:
         ds.receive_data(prefix)
+    idle = idle or IdleSet()
     try:
-        while True:
+        while not idle.draining:
             ev: object = None
-            with trio.move_on_after(idle_timeout):
+            with trio.move_on_after(idle_timeout) as scope:
+                idle.scopes.add(scope)
                 try:
                     ev = await next_event(ds, stream, downstream_errors)
                 except h11.RemoteProtocolError as e:
@@ -98,13 +119,35 @@ async def serve_http1(
                     err.status = e.error_status_hint
                     await respond_error(ds, stream, err)
                     return
+                finally:
+                    idle.scopes.discard(scope)
             if not isinstance(ev, h11.Request):
                 return  # idle timeout, ConnectionClosed
+            if ev.method == b"CONNECT":
+                await _connect(ds, stream, ev, route)
+                return
             if not await forward(ds, stream, ev, route):
                 return
             ds.start_next_cycle()
     except DownstreamClosed:
         return
+
+
+async def _connect(
+    ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request, route: Route
+) -> None:
+    """A CONNECT request: hand the connection to the route's tunnel, if it has one."""
+    try:
+        end = await next_event(ds, stream, downstream_errors)
+    except h11.RemoteProtocolError:
+        end = None
+    tunnel = getattr(route, "tunnel", None)
+    if not isinstance(end, h11.EndOfMessage) or tunnel is None:
+        err = BadRequest("CONNECT is not supported on this listener")
+        err.status = 405
+        await respond_error(ds, stream, err)
+        return
+    await tunnel(ds, stream, req)
 
 
 def _has_body(req: h11.Request) -> bool:

@@ -1,0 +1,204 @@
+"""The agent daemon: one root nursery, three listeners, watches, identities, interception.
+
+Start order (each step reports before the next begins):
+1. bind the listeners (a taken port fails fast, before anything is changed on the host);
+2. watch Consul until the first catalog snapshot;
+3. obtain the node identity, then one per local service (persisted certificates serve at once);
+4. install interception (iptables), only now that something listens on the outbound port;
+5. register as ``nodemesh`` in Consul, with a check on ``/ready``; print one line per listener.
+
+Stop (SIGTERM/SIGINT): mark not ready, deregister, stop accepting, end idle keep-alive
+connections, let in-flight requests finish within ``shutdown.grace``, then remove interception.
+Consul or the controller going away later changes nothing: the last snapshot and certificates
+keep serving.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import trio
+
+from nodemesh import __version__, log
+from nodemesh.agent import iptables
+from nodemesh.agent.admin import Admin
+from nodemesh.agent.state import AgentState
+from nodemesh.config import AgentConfig
+from nodemesh.discovery.consul import ConsulClient, ConsulUnavailable, http_check
+from nodemesh.discovery.snapshot import AGENT_SERVICE
+from nodemesh.discovery.watch import CatalogWatch
+from nodemesh.errors import NodemeshError
+from nodemesh.identity.client import ControllerClient
+from nodemesh.identity.store import IdentityStore, serve_identities
+from nodemesh.inbound.server import Inbound
+from nodemesh.outbound.server import Outbound
+from nodemesh.proxy.http1 import IdleSet
+from nodemesh.telemetry.metrics import Recorder
+from nodemesh.transport.listen import open_listener, serve_listener
+
+_log = log.get("nodemesh.agent")
+REGISTER_RETRY = 2.0  # seconds between attempts to register while Consul is away
+
+
+def _controller_address(cfg: AgentConfig, agent: AgentState) -> Callable[[], str]:
+    def address() -> str:
+        if cfg.controller_address:
+            return cfg.controller_address
+        ctrls = agent.snapshot.controllers
+        if not ctrls:
+            raise NodemeshError(
+                "no healthy nodemesh-controller in Consul; start one or set controller.address"
+            )
+        host, port = ctrls[hash(cfg.node) % len(ctrls)]
+        return f"{host}:{port}"
+
+    return address
+
+
+async def _register(consul: ConsulClient, cfg: AgentConfig, advertise: str) -> None:
+    admin_host, admin_port = cfg.admin_addr
+    check_host = "127.0.0.1" if admin_host in ("0.0.0.0", "::") else admin_host
+    await consul.register(
+        AGENT_SERVICE,
+        f"{AGENT_SERVICE}-{cfg.node}",
+        advertise,
+        cfg.inbound_addr[1],
+        meta={"version": __version__, "admin": f"{admin_host}:{admin_port}"},
+        check=http_check(f"http://{check_host}:{admin_port}/ready", "2s", timeout="1s"),
+    )
+
+
+async def _advertise_address(consul: ConsulClient, cfg: AgentConfig) -> str:
+    if cfg.advertise:
+        return cfg.advertise
+    if cfg.inbound_addr[0] not in ("0.0.0.0", "::"):
+        return cfg.inbound_addr[0]
+    node = await consul.node(cfg.node)
+    addr = (node or {}).get("Node", {}).get("Address")
+    if not isinstance(addr, str) or not addr:
+        raise NodemeshError(
+            f"Consul does not know node {cfg.node}; set agent.node to this host's Consul "
+            "node name, or set listen.advertise"
+        )
+    return addr
+
+
+async def _retry(what: str, fn: Callable[[], Awaitable[None]]) -> None:
+    while True:
+        try:
+            await fn()
+            return
+        except ConsulUnavailable as e:
+            _log.warning("consul_call_failed", what=what, error=str(e), retry_in=REGISTER_RETRY)
+            await trio.sleep(REGISTER_RETRY)
+
+
+async def serve_agent(
+    cfg: AgentConfig, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    store = IdentityStore(
+        cfg.trust_domain, cfg.datacenter, cfg.node, cfg.state_dir, alpn=("http/1.1",)
+    )
+    agent = AgentState(cfg, store, Recorder())
+    consul = ConsulClient(cfg.consul_addr, cfg.consul_token)
+    controller = ControllerClient.from_files(
+        _controller_address(cfg, agent), cfg.ca_file, cfg.join_token_file
+    )
+    outbound, inbound, admin = Outbound(agent), Inbound(agent), Admin(agent)
+    listeners = {
+        "outbound": await open_listener(cfg.outbound_addr, "outbound"),
+        "inbound": await open_listener(cfg.inbound_addr, "inbound"),
+        "admin": await open_listener(cfg.admin_addr, "admin"),
+    }
+    handlers = {"outbound": outbound.handle, "inbound": inbound.handle}
+    idle = IdleSet()
+    outbound.idle = inbound.idle = idle
+    stop = trio.Event()
+    plan = iptables.InterceptionPlan(
+        proxy_uid=cfg.proxy_uid if cfg.proxy_uid is not None else os.geteuid(),
+        outbound_port=cfg.outbound_addr[1],
+        consul_ports=cfg.consul_ports,
+        exclude_ports=cfg.exclude_ports,
+        exclude_cidrs=cfg.exclude_cidrs,
+    )
+    intercepting = False
+
+    async def watch_signals(root: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                _log.info("agent_stopping", signal=signal.Signals(signum).name)
+                if not agent.listeners_ready.is_set():
+                    root.cancel_scope.cancel()  # still starting: nothing to drain
+                stop.set()
+
+    async with trio.open_nursery() as root:
+        root.start_soon(watch_signals, root)
+        # Admin first, so /live answers (and /ready says why not) during start-up.
+        await root.start(serve_listener, listeners.pop("admin"), admin.handle, "admin")
+        watch = CatalogWatch(consul, cfg.node, agent.publish)
+        _log.info("consul_watch_starting", consul=f"{cfg.consul_addr[0]}:{cfg.consul_addr[1]}")
+        await root.start(watch.serve)
+        agent.on_snapshot.append(lambda _snap: store.poke())
+        _log.info("identity_starting", node=str(agent.node_identity))
+        await root.start(serve_identities, store, controller, lambda: set(agent.snapshot.local))
+        root.start_soon(outbound.pool.serve_reaper)
+        root.start_soon(inbound.pool.serve_reaper)
+        try:
+            with trio.CancelScope() as drain_scope:
+                async with trio.open_nursery() as conns:
+                    async with trio.open_nursery() as accept:
+                        for name, lst in listeners.items():
+                            addr = await accept.start(
+                                partial(serve_listener, handler_nursery=conns),
+                                lst,
+                                handlers[name],
+                                name,
+                            )
+                            print(
+                                f"nodemesh agent {name} listening on {addr[0]}:{addr[1]}",
+                                flush=True,
+                            )
+                        if cfg.interception:
+                            await trio.to_thread.run_sync(iptables.install, plan)
+                            intercepting = True
+                            _log.info("interception_installed", proxy_uid=plan.proxy_uid)
+                        advertise = await _advertise_address(consul, cfg)
+                        await _retry("register", lambda: _register(consul, cfg, advertise))
+                        agent.listeners_ready.set()
+                        _log.info("agent_ready", node=cfg.node, advertise=advertise)
+                        task_status.started()
+                        await stop.wait()
+                        agent.draining = True
+                        accept.cancel_scope.cancel()
+                    with trio.move_on_after(5):
+                        await _retry(
+                            "deregister", lambda: consul.deregister(f"{AGENT_SERVICE}-{cfg.node}")
+                        )
+                    idle.drain()
+                    drain_scope.deadline = trio.current_time() + cfg.shutdown_grace
+            if drain_scope.cancelled_caught:
+                _log.warning("drain_grace_expired", grace=cfg.shutdown_grace)
+        finally:
+            if intercepting:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(iptables.remove)
+                    _log.info("interception_removed")
+            root.cancel_scope.cancel()
+    _log.info("agent_stopped")
+
+
+def run(cfg: AgentConfig) -> int:
+    """Run the agent until stopped; 0 on a clean stop, 1 with one line on stderr otherwise."""
+    log.configure(cfg.log_level, cfg.log_format)
+    failed = False
+    try:
+        trio.run(serve_agent, cfg)
+    except* NodemeshError as eg:
+        for e in eg.exceptions:
+            print(f"nodemesh agent: {e}", file=sys.stderr)
+        failed = True
+    return 1 if failed else 0

@@ -1,0 +1,81 @@
+"""What the agent's servers share: config, the current catalog snapshot, identities, pools.
+
+The snapshot is replaced whole by the discovery watch and read by reference on the hot path;
+balancers are created lazily per service and refreshed when the snapshot's endpoint tuple for
+that service is a different object (an identity check, not a comparison).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from nodemesh.config import AgentConfig
+from nodemesh.discovery.snapshot import Endpoint, Snapshot
+from nodemesh.identity import spiffe
+from nodemesh.identity.spiffe import SpiffeId
+from nodemesh.identity.store import IdentityStore
+from nodemesh.outbound.balance import Balancer
+from nodemesh.telemetry.metrics import Recorder
+
+
+class AgentState:
+    def __init__(self, cfg: AgentConfig, identities: IdentityStore, recorder: Recorder) -> None:
+        self.cfg = cfg
+        self.identities = identities
+        self.recorder = recorder
+        self.snapshot = Snapshot(local_node=cfg.node)
+        self.snapshot_ready = trio.Event()
+        self.listeners_ready = trio.Event()
+        self.draining = False
+        self._balancers: dict[str, Balancer[Endpoint]] = {}
+        self.on_snapshot: list[Callable[[Snapshot], None]] = []
+
+    def __repr__(self) -> str:
+        return f"<AgentState {self.cfg.node} {self.snapshot!r} draining={self.draining}>"
+
+    def publish(self, snap: Snapshot) -> None:
+        self.snapshot = snap
+        for name in list(self._balancers):
+            if name not in snap.endpoints:
+                del self._balancers[name]
+        for cb in self.on_snapshot:
+            cb(snap)
+        self.snapshot_ready.set()
+
+    def balancer(self, service: str) -> Balancer[Endpoint]:
+        eps = self.snapshot.endpoints.get(service, ())
+        b = self._balancers.get(service)
+        if b is None:
+            b = self._balancers[service] = Balancer(service)
+        if b.source is not eps:
+            b.update(eps)
+        return b
+
+    def service_identity(self, service: str) -> SpiffeId:
+        return spiffe.service_id(self.cfg.trust_domain, self.cfg.datacenter, service)
+
+    @property
+    def node_identity(self) -> SpiffeId:
+        return spiffe.node_id(self.cfg.trust_domain, self.cfg.datacenter, self.cfg.node)
+
+    def source_identity(self) -> SpiffeId:
+        """The identity outbound connections present.
+
+        A host running exactly one service speaks as that service; a host with several (or none)
+        speaks as its node, since the agent cannot yet tell which local process opened the
+        connection.
+        """
+        local = [s for s in self.snapshot.local if s in self.snapshot.by_addr.values()]
+        if len(local) == 1:
+            return self.service_identity(local[0])
+        return self.node_identity
+
+    def ready(self) -> bool:
+        return (
+            self.snapshot_ready.is_set()
+            and self.listeners_ready.is_set()
+            and self.identities.ready()
+            and not self.draining
+        )

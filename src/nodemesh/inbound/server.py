@@ -1,0 +1,180 @@
+"""Inbound: mTLS connections from peer agents on :4143, delivered to local apps.
+
+Same anatomy as outbound.  Per connection: the TLS handshake (the client must present a
+certificate from the mesh CA; the server name selects which local service identity we prove),
+then HTTP/1.1 requests, each naming its target instance in ``x-nodemesh-dst``.  The target must be
+an instance of the selected service *on this node* (from the Consul snapshot): the agent is
+never an open relay.  The app receives the request with ``x-nodemesh-client-id`` set to the
+caller's verified SPIFFE ID.  ``CONNECT ip:port`` opens an opaque tunnel to such an instance.
+
+Failures: a handshake that fails (not TLS, no client certificate, unknown server name, wrong CA)
+closes that connection with a log event; 403 for a target that is not a local instance; 502/504
+if the app cannot be reached.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import h11
+import trio
+
+from nodemesh import log
+from nodemesh.agent.state import AgentState
+from nodemesh.errors import BadRequest, Forbidden, ProxyError
+from nodemesh.identity.spiffe import SpiffeId
+from nodemesh.identity.tls import peer_identity
+from nodemesh.protocol.http1 import CLIENT_ID_HEADER, DST_HEADER, header
+from nodemesh.proxy.http1 import IdleSet, respond_error, serve_http1
+from nodemesh.proxy.pool import Pool, Upstream
+from nodemesh.proxy.splice import SpliceStats, splice
+from nodemesh.transport.edges import IO_ERRORS, close_quietly, downstream_errors, open_tcp
+
+_log = log.get("nodemesh.inbound")
+TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds; a peer that never finishes must not hold a slot
+
+
+class Inbound:
+    def __init__(self, agent: AgentState) -> None:
+        self.agent = agent
+        self.pool = Pool(
+            self._connect,
+            max_idle_per_key=agent.cfg.max_idle_per_peer,
+            idle_timeout=agent.cfg.outbound_idle_timeout,
+        )
+        self.idle = IdleSet()  # the daemon shares one across servers for drains
+        self.listen_addr = agent.cfg.inbound_addr
+
+    def __repr__(self) -> str:
+        return f"<Inbound {self.listen_addr} {self.pool!r}>"
+
+    async def _connect(self, key: tuple[str, int]) -> Upstream:
+        stream = await open_tcp(key[0], key[1], self.agent.cfg.inbound_connect_timeout)
+        return Upstream(key, stream)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        peer = _peer(stream)
+        try:
+            ctx = self.agent.identities.server_context()
+        except Exception as e:
+            _log.warning("inbound_not_ready", peer=peer, error=str(e))
+            return
+        tls = trio.SSLStream(stream, ctx, server_side=True)
+        try:
+            with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                await tls.do_handshake()
+        except trio.TooSlowError:
+            _log.info("tls_handshake_failed", peer=peer, reason="timeout")
+            return
+        except IO_ERRORS as e:
+            _log.info("tls_handshake_failed", peer=peer, reason=_reason(e))
+            return
+        client = peer_identity(tls)  # type: ignore[arg-type]  # SSLStream forwards getpeercert
+        served = self._served(tls.context)
+        if client is None or served is None or served.kind != "svc":
+            _log.info(
+                "inbound_refused",
+                peer=peer,
+                client=str(client),
+                reason="no service identity selected" if client else "peer has no mesh identity",
+            )
+            await close_quietly(tls)
+            return
+        route = InboundRoute(self, served.name, client)
+        try:
+            await serve_http1(
+                tls, route, idle_timeout=self.agent.cfg.inbound_idle_timeout, idle=self.idle
+            )
+        finally:
+            await close_quietly(tls)
+
+    def _served(self, ctx: ssl.SSLContext) -> SpiffeId | None:
+        """The identity whose certificate the SNI callback put on this connection."""
+        ids = self.agent.identities
+        for info in ids.identities():
+            if info.identity is None:
+                continue
+            held = ids.held(info.identity)
+            if held is not None and held.server is ctx:
+                return info.identity
+        return None
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
+
+
+def _reason(e: BaseException) -> str:
+    cause = e.__cause__ or e.__context__ or e
+    if isinstance(cause, ssl.SSLError):
+        return str(cause.reason or cause)
+    return type(cause).__name__
+
+
+class InboundRoute:
+    """Requests on one peer connection for one local service (``proxy.http1.Route``)."""
+
+    __slots__ = ("_client", "_in", "authority", "service")
+
+    def __init__(self, inbound: Inbound, service: str, client: SpiffeId) -> None:
+        self._in = inbound
+        self.service = service
+        self._client = client
+        self.authority = service.encode()
+
+    def target(self, req: h11.Request) -> tuple[str, int]:
+        snap = self._in.agent.snapshot
+        raw = req.target if req.method == b"CONNECT" else header(req.headers, DST_HEADER)
+        if raw is None:
+            local = sorted(snap.local.get(self.service, ()))
+            if len(local) != 1:
+                raise BadRequest(f"request names no {DST_HEADER.decode()} target")
+            return local[0]
+        host, _, port = raw.decode("ascii", "replace").rpartition(":")
+        if not port.isdigit() or not snap.is_local_instance(self.service, host, int(port)):
+            shown = raw.decode("ascii", "replace")
+            raise Forbidden(f"{shown} is not an instance of {self.service} on this node")
+        return host, int(port)
+
+    async def open(
+        self, req: h11.Request, *, fresh: bool
+    ) -> tuple[Upstream, list[tuple[bytes, bytes]]]:
+        up = await self._in.pool.acquire(self.target(req), fresh=fresh)
+        return up, [(CLIENT_ID_HEADER, self._client.uri.encode())]
+
+    async def release(self, up: Upstream, *, failed: bool, rtt: float) -> None:
+        if failed:
+            await close_quietly(up.stream)
+        else:
+            await self._in.pool.release(up)
+
+    def record(self, req: h11.Request, status: int, elapsed: float) -> None:
+        self._in.agent.recorder.request("inbound", self.service, self._client.name, status, elapsed)
+
+    async def tunnel(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> None:
+        """``CONNECT ip:port``: answer 200 once the app is connected, then splice bytes."""
+        tcp = self._in.agent.recorder.tcp("inbound", self.service)
+        tcp.opened += 1
+        stats = SpliceStats()
+        try:
+            try:
+                ip, port = self.target(req)
+                app = await open_tcp(ip, port, self._in.agent.cfg.inbound_connect_timeout)
+            except ProxyError as e:
+                await respond_error(ds, stream, e)
+                return
+            try:
+                with downstream_errors():
+                    await stream.send_all(ds.send(h11.Response(status_code=200, headers=[])))
+                leftover, _closed = ds.trailing_data
+                await splice(stream, app, prefix=leftover, stats=stats)
+            finally:
+                await close_quietly(app)
+        finally:
+            tcp.closed += 1
+            tcp.bytes_in += stats.bytes_in
+            tcp.bytes_out += stats.bytes_out
