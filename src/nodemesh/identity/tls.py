@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 from nodemesh.errors import IdentityError
 from nodemesh.identity import files, spiffe
@@ -87,7 +88,13 @@ def dispatch_context(
     return ctx
 
 
-def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId | None:
+class HasPeerCert(Protocol):
+    """``ssl.SSLObject``, ``ssl.SSLSocket`` or ``trio.SSLStream``."""
+
+    def getpeercert(self, binary_form: bool = False) -> Any: ...
+
+
+def peer_identity(ssl_object: HasPeerCert) -> SpiffeId | None:
     """The verified peer's SPIFFE ID, from its URI SAN only (never the CN).
 
     None if the peer sent no certificate, or its certificate names no nodemesh identity or

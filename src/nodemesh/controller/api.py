@@ -1,0 +1,375 @@
+"""The controller's HTTPS API: certificates for agents.
+
+    GET  /v1/health        200 {"status": "ok"}
+    GET  /v1/ca/roots      the trust bundle, PEM
+    POST /v1/sign/node     Bearer <join token>, {"csr": PEM}                 -> node identity
+    POST /v1/sign/service  mTLS with the node cert, {"csr": PEM, "service"}  -> svc identity
+
+Who may have which identity (the security of the whole mesh):
+- a node identity goes to a join-token holder only for a node that Consul knows, and only
+  when the request comes from that node's Consul address, so a token cannot mint other nodes;
+- a service identity goes to a node (proven by its certificate) only for a service that Consul
+  says is registered on that very node.
+The identity always comes from these checks, never from the CSR (``CertificateAuthority``
+enforces one URI SAN).
+
+``ControllerApi.handle`` decides; ``serve_api`` is the thin trio + h11 server around it: bounded
+heads and bodies, keep-alive, and one broken connection never touches another.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import re
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Protocol
+
+import h11
+import trio
+
+from nodemesh import log
+from nodemesh.controller.catalog import ConsulUnavailable, NodeInfo
+from nodemesh.errors import IdentityError, NodemeshError
+from nodemesh.identity import keys, spiffe, tls
+from nodemesh.identity.ca import CertificateAuthority
+from nodemesh.identity.spiffe import SpiffeId
+
+_log = log.get("nodemesh.controller")
+
+MAX_HEAD = 64 * 1024  # request line + headers
+MAX_BODY = 64 * 1024  # a CSR is under 1 KiB
+HANDSHAKE_TIMEOUT = 10.0  # seconds
+IDLE_TIMEOUT = 30.0  # seconds a kept-alive connection may sit between requests
+REQUEST_TIMEOUT = 30.0  # seconds for one request to arrive in full once it started
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,126}")
+
+
+class NodeDirectory(Protocol):
+    """What the API needs from Consul (``controller.catalog.Catalog``)."""
+
+    async def node(self, name: str) -> NodeInfo | None: ...
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+    peer_ip: str
+    peer: SpiffeId | None  # from the client certificate, if one was presented
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+    @classmethod
+    def json(cls, status: int, doc: dict[str, Any]) -> Response:
+        return cls(status, json.dumps(doc).encode() + b"\n")
+
+    @classmethod
+    def error(cls, status: int, message: str) -> Response:
+        return cls.json(status, {"error": message})
+
+
+class ApiError(NodemeshError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class ControllerApi:
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        catalog: NodeDirectory,
+        join_token: str,
+        datacenter: str,
+        leaf_ttl: float,
+    ) -> None:
+        self.ca = ca
+        self.catalog = catalog
+        self._token = join_token.encode()
+        self.datacenter = datacenter
+        self.leaf_ttl = leaf_ttl
+        self._routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
+            ("GET", "/v1/health"): self._health,
+            ("GET", "/v1/ca/roots"): self._roots,
+            ("POST", "/v1/sign/node"): self._sign_node,
+            ("POST", "/v1/sign/service"): self._sign_service,
+        }
+
+    async def handle(self, req: Request) -> Response:
+        """The one rescue: every failure becomes one status and one sentence."""
+        route = self._routes.get((req.method, req.path))
+        try:
+            if route is None:
+                if any(path == req.path for _, path in self._routes):
+                    raise ApiError(405, f"{req.method} is not allowed on {req.path}")
+                raise ApiError(404, f"no such endpoint {req.path}; see docs/identity.md")
+            return await route(req)
+        except ApiError as e:
+            _log.info(
+                "api_refused", path=req.path, peer=req.peer_ip, status=e.status, why=e.message
+            )
+            return Response.error(e.status, e.message)
+        except ConsulUnavailable as e:
+            _log.warning("api_consul_unavailable", path=req.path, error=str(e))
+            return Response.error(503, f"cannot check the request against Consul: {e}")
+
+    # --- endpoints -----------------------------------------------------------------------------
+
+    async def _health(self, req: Request) -> Response:
+        return Response.json(200, {"status": "ok"})
+
+    async def _roots(self, req: Request) -> Response:
+        return Response(200, self.ca.roots_pem, "application/x-pem-file")
+
+    async def _sign_node(self, req: Request) -> Response:
+        self._check_token(req.headers.get("authorization", ""))
+        csr_pem, _ = _parse_body(req.body, need_service=False)
+        csr = _load_csr(csr_pem)
+        asked = keys.csr_identity(csr)
+        if asked is None or asked.kind != "node" or not self._ours(asked):
+            want = f"spiffe://{self.ca.trust_domain}/dc/{self.datacenter}/node/<node>"
+            raise ApiError(400, f"the CSR must ask for exactly one URI SAN {want}, got {asked}")
+        node = await self._known_node(asked.name)
+        if not _same_ip(node.address, req.peer_ip):
+            raise ApiError(
+                403,
+                f"request comes from {req.peer_ip} but Consul has node {node.name!r} at "
+                f"{node.address}; request the node certificate from the node itself",
+            )
+        return self._issue(csr_pem, asked)
+
+    async def _sign_service(self, req: Request) -> Response:
+        caller = req.peer
+        if caller is None:
+            raise ApiError(401, "this endpoint needs the node's certificate as TLS client cert")
+        if caller.kind != "node" or not self._ours(caller):
+            raise ApiError(403, f"{caller} is not a node of datacenter {self.datacenter!r}")
+        csr_pem, service = _parse_body(req.body, need_service=True)
+        _load_csr(csr_pem)
+        node = await self._known_node(caller.name)
+        if service not in node.services:
+            raise ApiError(
+                403,
+                f"Consul has no service {service!r} registered on node {node.name!r}; "
+                "register it there first",
+            )
+        return self._issue(
+            csr_pem, spiffe.service_id(self.ca.trust_domain, self.datacenter, service)
+        )
+
+    # --- checks --------------------------------------------------------------------------------
+
+    def _check_token(self, header: str) -> None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "missing 'Authorization: Bearer <join token>' header")
+        if not hmac.compare_digest(token.strip().encode(), self._token):
+            raise ApiError(
+                401, "the join token does not match this cluster's; check join_token_file"
+            )
+
+    def _ours(self, ident: SpiffeId) -> bool:
+        return ident.trust_domain == self.ca.trust_domain and ident.datacenter == self.datacenter
+
+    async def _known_node(self, name: str) -> NodeInfo:
+        node = await self.catalog.node(name)
+        if node is None:
+            raise ApiError(
+                403, f"node {name!r} is not in Consul's catalog; join it to Consul first"
+            )
+        return node
+
+    def _issue(self, csr_pem: bytes, identity: SpiffeId) -> Response:
+        try:
+            chain = self.ca.sign_csr(csr_pem, identity, self.leaf_ttl)
+        except IdentityError as e:
+            raise ApiError(400, str(e)) from None
+        info = keys.leaf_info(chain)
+        _log.info("certificate_issued", identity=str(identity), serial=format(info.serial, "x"))
+        return Response.json(
+            200,
+            {
+                "certificate": chain.decode(),
+                "roots": self.ca.roots_pem.decode(),
+                "not_after": info.not_after,
+            },
+        )
+
+
+def _parse_body(body: bytes, *, need_service: bool) -> tuple[bytes, str]:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise ApiError(400, 'the body is not valid JSON; send {"csr": "<PEM>"}') from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("csr"), str):
+        raise ApiError(400, 'the body must be a JSON object with a string field "csr"')
+    service = doc.get("service", "")
+    if need_service and (not isinstance(service, str) or not _NAME.fullmatch(service)):
+        raise ApiError(400, f'"service" = {service!r} is not a valid Consul service name')
+    return str(doc["csr"]).encode(), str(service)
+
+
+def _load_csr(csr_pem: bytes) -> Any:
+    try:
+        return keys.load_csr(csr_pem)
+    except IdentityError as e:
+        raise ApiError(400, str(e)) from None
+
+
+def _same_ip(a: str, b: str) -> bool:
+    try:
+        ia, ib = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    except ValueError:
+        return False
+    # A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
+    if isinstance(ia, ipaddress.IPv6Address) and ia.ipv4_mapped:
+        ia = ia.ipv4_mapped
+    if isinstance(ib, ipaddress.IPv6Address) and ib.ipv4_mapped:
+        ib = ib.ipv4_mapped
+    return ia == ib
+
+
+# --- the server ----------------------------------------------------------------------------------
+
+
+async def serve_api(
+    api: ControllerApi,
+    listen: tuple[str, int],
+    ssl_context: Callable[[], ssl.SSLContext],
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the API on ``listen``; ``ssl_context()`` is asked per connection (rotation)."""
+    host, port = listen
+    listeners = await trio.open_tcp_listeners(port, host=host)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await _serve_connection(api, stream, ssl_context())
+
+    await trio.serve_listeners(handler, listeners, task_status=task_status)
+
+
+async def _serve_connection(
+    api: ControllerApi, tcp: trio.SocketStream, ctx: ssl.SSLContext
+) -> None:
+    peer_ip = str(tcp.socket.getpeername()[0])
+    stream = trio.SSLStream(tcp, ctx, server_side=True, https_compatible=True)
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await stream.do_handshake()
+        await _serve_http(api, stream, peer_ip, tls.peer_identity(stream))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as e:
+        # Garbage instead of TLS, resets, slow clients: the client's problem, not ours.
+        _log.debug("api_conn_closed", peer=peer_ip, why=repr(e.__cause__ or e))
+    except Exception:
+        _log.exception("api_conn_crashed", peer=peer_ip)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _serve_http(
+    api: ControllerApi,
+    stream: trio.SSLStream[trio.SocketStream],
+    peer_ip: str,
+    peer: SpiffeId | None,
+) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    while True:
+        try:
+            with trio.fail_after(IDLE_TIMEOUT):
+                event = await _next_event(conn, stream)
+            if isinstance(event, h11.ConnectionClosed):
+                return
+            assert isinstance(event, h11.Request)
+            with trio.fail_after(REQUEST_TIMEOUT):
+                body = await _read_body(conn, stream, event)
+        except h11.RemoteProtocolError as e:
+            await _send(conn, stream, Response.error(e.error_status_hint, f"bad HTTP request: {e}"))
+            return
+        except _TooLarge:
+            await _send(conn, stream, Response.error(413, f"request body over {MAX_BODY} bytes"))
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+        req = Request(
+            method=event.method.decode("ascii"),
+            path=event.target.decode("ascii", "replace").split("?", 1)[0],
+            headers=headers,
+            body=body,
+            peer_ip=peer_ip,
+            peer=peer,
+        )
+        await _send(conn, stream, await api.handle(req))
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return  # the client asked to close, or HTTP/1.0
+        conn.start_next_cycle()
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _next_event(conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream]) -> Any:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        conn.receive_data(bytes(await stream.receive_some(16384)))
+
+
+async def _read_body(
+    conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream], head: h11.Request
+) -> bytes:
+    for name, value in head.headers:
+        if name == b"content-length" and int(value) > MAX_BODY:
+            raise _TooLarge  # refuse before reading a byte of it
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        event = await _next_event(conn, stream)
+        if isinstance(event, h11.Data):
+            size += len(event.data)
+            if size > MAX_BODY:
+                raise _TooLarge
+            chunks.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            return b"".join(chunks)
+        else:  # ConnectionClosed mid-body
+            raise h11.RemoteProtocolError("connection closed in the middle of the request body")
+
+
+async def _send(
+    conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream], resp: Response
+) -> None:
+    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return
+    closing = resp.status >= 400 and conn.their_state is not h11.DONE
+    headers = [
+        ("content-type", resp.content_type),
+        ("content-length", str(len(resp.body))),
+        ("cache-control", "no-store"),
+    ]
+    if closing:
+        headers.append(("connection", "close"))
+    if resp.status >= 400:
+        headers.append(("x-nodemesh-error", HTTPStatus(resp.status).phrase.lower()))
+    data = conn.send(
+        h11.Response(
+            status_code=resp.status, headers=headers, reason=HTTPStatus(resp.status).phrase
+        )
+    )
+    data = (data or b"") + (conn.send(h11.Data(data=resp.body)) or b"")
+    data += conn.send(h11.EndOfMessage()) or b""
+    await stream.send_all(data)
