@@ -123,6 +123,7 @@ class Lab:
         self.join_token_file = self.dir / "join-token"
         self.ca_state = self.dir / "ctl" / "controller-state"
         self._closed = False
+        self._keep = self.spec.keep_workdir
 
     def __repr__(self) -> str:
         return f"<Lab {self.net.prefix} hosts={list(self.net.hosts)} dir={self.dir}>"
@@ -133,6 +134,8 @@ class Lab:
         try:
             self.start()
         except BaseException:
+            # The logs are what explains a failed start: keep them (the error names the path).
+            self._keep = True
             self.close(quiet=True)
             raise
         return self
@@ -245,7 +248,7 @@ class Lab:
             raise LabError(f"namespaces still present: {left}")
 
     def _remove_workdir(self) -> None:
-        if self.spec.keep_workdir:
+        if self._keep:
             self.progress(f"logs and configs kept in {self.dir}")
         elif self.spec.workdir is None:
             shutil.rmtree(self.dir, ignore_errors=True)
