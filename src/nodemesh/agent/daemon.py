@@ -163,8 +163,9 @@ async def serve_agent(
                                 flush=True,
                             )
                         if cfg.interception:
-                            await trio.to_thread.run_sync(iptables.install, plan)
+                            # Set first: a partial install (chain without jump) is removed too.
                             intercepting = True
+                            await trio.to_thread.run_sync(iptables.install, plan)
                             _log.info("interception_installed", proxy_uid=plan.proxy_uid)
                         advertise = await _advertise_address(consul, cfg)
                         await _retry("register", lambda: _register(consul, cfg, advertise))
@@ -185,8 +186,11 @@ async def serve_agent(
         finally:
             if intercepting:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(iptables.remove)
-                    _log.info("interception_removed")
+                    try:
+                        await trio.to_thread.run_sync(iptables.remove)
+                        _log.info("interception_removed")
+                    except NodemeshError as e:
+                        _log.error("interception_remove_failed", error=str(e))
             root.cancel_scope.cancel()
     _log.info("agent_stopped")
 
