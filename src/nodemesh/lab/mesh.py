@@ -200,29 +200,37 @@ class Lab:
         if self._closed:
             return
         self._closed = True
+        # A second Ctrl-C (or a SIGTERM turned into one) must not cut teardown short.
         in_main = threading.current_thread() is threading.main_thread()
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+        held = (signal.SIGINT, signal.SIGTERM) if in_main else ()
+        old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in held}
         problems: list[str] = []
-        stages: list[tuple[str, Callable[[], None]]] = [
-            ("load", self._stop_loads),
-            ("apps", self._stop_apps),
-            ("agents", self._stop_agents),
-            ("controller", self.stop_controller),
-            ("consul", self._stop_consul),
-            ("namespaces", self._delete_namespaces),
-            ("workdir", self._remove_workdir),
+        running = [ld for ld in self.loads if ld.process.running]
+        stages: list[tuple[str, bool, Callable[[], None]]] = [
+            ("stopping load generators", bool(running), self._stop_loads),
+            (f"stopping sample apps ({len(self.apps)})", bool(self.apps), self._stop_apps),
+            (
+                f"stopping nodemesh agents ({len(self.agents)})",
+                bool(self.agents),
+                self._stop_agents,
+            ),
+            ("stopping nodemesh controller", self.controller is not None, self.stop_controller),
+            ("stopping consul agents", self.consul is not None, self._stop_consul),
+            (f"deleting namespaces {self.net.prefix}-*", True, self._delete_namespaces),
+            ("removing the work directory", True, self._remove_workdir),
         ]
         try:
-            for what, stage in stages:
-                self.progress(f"stopping {what}")
+            for what, active, stage in stages:
+                if active:
+                    self.progress(what)
                 try:
                     stage()
                 except Exception as e:
                     problems.append(f"{what}: {e}")
                     _log.warning("lab_teardown_failed", stage=what, error=str(e))
         finally:
-            if old is not None:
-                signal.signal(signal.SIGINT, old)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
         if problems and not quiet:
             raise LabError("lab teardown incomplete: " + "; ".join(problems))
 
