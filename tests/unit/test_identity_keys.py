@@ -106,6 +106,12 @@ def test_renewal_is_at_70_percent_and_jitter_only_moves_it_earlier() -> None:
     assert renew_time(info, 1.0) == pytest.approx(1650.0)
 
 
+def test_renewal_counts_from_issuance_not_from_the_back_dated_not_before() -> None:
+    # A 4 s certificate back-dated by 60 s must not look 94 % used the moment it arrives.
+    info = LeafInfo(WEB, not_before=940.0, not_after=1004.0, serial=1)
+    assert renew_time(info, 0.0, issued_at=1000.0) == pytest.approx(1002.8)
+
+
 @pytest.mark.parametrize(
     ("failures", "no_jitter", "full_jitter"),
     [(1, 1.0, 0.5), (2, 2.0, 1.0), (3, 4.0, 2.0), (7, 60.0, 30.0), (50, 60.0, 30.0)],

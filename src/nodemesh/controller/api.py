@@ -46,6 +46,8 @@ MAX_BODY = 64 * 1024  # a CSR is under 1 KiB
 HANDSHAKE_TIMEOUT = 10.0  # seconds
 IDLE_TIMEOUT = 30.0  # seconds a kept-alive connection may sit between requests
 REQUEST_TIMEOUT = 30.0  # seconds for one request to arrive in full once it started
+LINGER_TIMEOUT = 2.0  # seconds to drain a refused request before closing
+LINGER_BYTES = 1024 * 1024
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,126}")
 
 
@@ -294,13 +296,19 @@ async def _serve_http(
             if isinstance(event, h11.ConnectionClosed):
                 return
             assert isinstance(event, h11.Request)
+            if _head_size(event) > MAX_HEAD:
+                # h11 bounds only *incomplete* heads; one that completes in the last read
+                # slips past it, so the size is checked again here.
+                raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
             with trio.fail_after(REQUEST_TIMEOUT):
                 body = await _read_body(conn, stream, event)
         except h11.RemoteProtocolError as e:
             await _send(conn, stream, Response.error(e.error_status_hint, f"bad HTTP request: {e}"))
+            await _linger(stream)
             return
         except _TooLarge:
             await _send(conn, stream, Response.error(413, f"request body over {MAX_BODY} bytes"))
+            await _linger(stream)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
         req = Request(
@@ -317,8 +325,28 @@ async def _serve_http(
         conn.start_next_cycle()
 
 
+def _head_size(head: h11.Request) -> int:
+    return len(head.method) + len(head.target) + sum(len(k) + len(v) + 4 for k, v in head.headers)
+
+
 class _TooLarge(Exception):
     pass
+
+
+async def _linger(stream: trio.SSLStream[trio.SocketStream]) -> None:
+    """Read and drop what the client is still sending before closing.
+
+    Closing a socket with unread data makes the kernel send a RST, which can destroy our error
+    response before the client reads it (nginx calls this lingering close).  Bounded in time
+    and bytes so a client cannot hold the connection open with it.
+    """
+    budget = LINGER_BYTES
+    with trio.move_on_after(LINGER_TIMEOUT):
+        while budget > 0:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            budget -= len(data)
 
 
 async def _next_event(conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream]) -> Any:

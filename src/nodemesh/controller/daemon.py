@@ -41,6 +41,7 @@ class OwnCertificate:
     def __init__(self, ca: CertificateAuthority, identity: spiffe.SpiffeId, ip: str, ttl: float):
         self._ca, self._identity, self._ip, self._ttl = ca, identity, ip, ttl
         self.info: LeafInfo
+        self.renew_at: float
         self._ctx: ssl.SSLContext
         self.issue()
 
@@ -58,14 +59,15 @@ class OwnCertificate:
             chain, key, self._ca.roots_pem, require_client_cert=False, alpn=("http/1.1",)
         )
         self.info, self._ctx = keys.leaf_info(chain), ctx
+        # Renew at 70 % of the life counted from now (not_before is back-dated for skew).
+        self.renew_at = time.time() + 0.7 * (self.info.not_after - time.time())
 
     def context(self) -> ssl.SSLContext:
         return self._ctx
 
     async def serve_renewal(self) -> None:
         while True:
-            at = self.info.not_before + 0.7 * self.info.lifetime
-            await trio.sleep(max(1.0, at - time.time()))
+            await trio.sleep(max(1.0, self.renew_at - time.time()))
             self.issue()
             _log.info("controller_cert_renewed", not_after=self.info.not_after)
 

@@ -273,11 +273,17 @@ RENEW_JITTER = 0.05  # renew up to 5 % earlier, so a fleet started together spre
 BACKOFF_BASE = 1.0  # seconds, first retry after a failed request
 BACKOFF_CAP = 60.0  # seconds; a down controller is asked at least once a minute
 REQUEST_TIMEOUT = 15.0  # seconds for one signing round trip, connect included
+MIN_RENEW_GAP = 1.0  # seconds; even a nearly expired certificate is not re-requested in a loop
 
 
-def renew_time(info: LeafInfo, jitter: float) -> float:
-    """Epoch time to renew a certificate; ``jitter`` in [0, 1] moves it up to 5 % earlier."""
-    return info.not_before + info.lifetime * (RENEW_AT - RENEW_JITTER * jitter)
+def renew_time(info: LeafInfo, jitter: float, issued_at: float | None = None) -> float:
+    """Epoch time to renew a certificate; ``jitter`` in [0, 1] moves it up to 5 % earlier.
+
+    The lifetime counts from ``issued_at`` when known: the CA back-dates not_before for clock
+    skew, which would otherwise eat most of a very short lifetime.
+    """
+    start = info.not_before if issued_at is None else max(info.not_before, issued_at)
+    return start + (info.not_after - start) * (RENEW_AT - RENEW_JITTER * jitter)
 
 
 def backoff_delay(failures: int, jitter: float) -> float:
@@ -345,7 +351,8 @@ async def serve_identities(
                     retry_in=round(delay, 2),
                 )
             else:
-                due[ident] = _Due(renew_time(held.info, rng.random()))
+                at = renew_time(held.info, rng.random(), issued_at=time.time())
+                due[ident] = _Due(max(at, time.time() + MIN_RENEW_GAP))
         if not started and store.held(node) is not None:
             task_status.started()
             started = True
