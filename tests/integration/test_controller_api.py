@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import consul
@@ -545,7 +546,7 @@ async def test_rotation_renews_and_keeps_open_connections(
         except trio.BrokenResourceError:
             pass
 
-    listeners = await nursery.start(trio.serve_tcp, echo, 0)
+    listeners = await nursery.start(partial(trio.serve_tcp, host="127.0.0.1"), echo, 0)
     port = listeners[0].socket.getsockname()[1]
     peer_ctx = tls.client_context(first.chain_pem, first.key_pem, ctl.roots, alpn=("http/1.1",))
 
