@@ -307,6 +307,27 @@ class Lab:
             extra=extra,
         )
 
+    def wait_http(
+        self, host: str, url: str, status: int = 200, timeout: float = 10.0
+    ) -> HttpResult:
+        """Bounded: poll ``url`` from ``host`` until it answers ``status``; the last answer.
+
+        For the moments after a change (an app started, an agent restarted) when each side
+        learns of it a little later than Consul does.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.curl(host, url, timeout=min(5.0, timeout))
+            if r.status == status or time.monotonic() >= deadline:
+                break
+            time.sleep(POLL)
+        if r.status != status:
+            raise LabError(
+                f"{url} from {host} answered {r.status or r.error} after {timeout:g}s, "
+                f"not {status}: {r.text[:200]}"
+            )
+        return r
+
     def consul_api(self, host: str, path: str, *, method: str = "GET", body: Any = None) -> Any:
         """Consul's HTTP API as ``host``'s local agent answers it."""
         return api(self.host(host), path, method=method, body=body)
@@ -395,18 +416,19 @@ class Lab:
             self.controller.stop()
 
     def wait_controller_registered(self) -> None:
-        """Bounded: the controller is running and Consul lists ``nodemesh-controller``."""
+        """Bounded: the controller runs and Consul has ``nodemesh-controller`` passing (agents
+        look for a healthy one)."""
         deadline = time.monotonic() + self.spec.ready_timeout
         while time.monotonic() < deadline:
             self._check_running("ctl", "controller", self.controller)
             try:
-                if self.consul_api("ctl", "/v1/catalog/service/nodemesh-controller"):
+                if self.consul_api("ctl", "/v1/health/service/nodemesh-controller?passing"):
                     return
             except LabError:
                 pass
             time.sleep(POLL)
         raise LabError(
-            f"the controller did not register in Consul within {self.spec.ready_timeout:g}s; "
+            f"the controller was not healthy in Consul within {self.spec.ready_timeout:g}s; "
             f"see {self.log_path('ctl', 'controller')}"
         )
 
