@@ -587,3 +587,34 @@ async def test_rotation_renews_and_keeps_open_connections(
     assert all(((agent_state / "identity" / f).stat().st_mode & 0o077) == 0 for f in files)
     restarted = IdentityStore(TD, DC, NODE, agent_state)
     assert restarted.ready()
+
+
+async def test_rotation_survives_a_controller_outage(
+    dev_consul: DevConsul, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    cfg = _config(tmp_path, dev_consul.http_port, leaf_ttl="3s")
+    address = [""]
+    async with trio.open_nursery() as first_life:
+        ctl = await _start(first_life, cfg)
+        address[0] = ctl.address
+        client = ControllerClient(lambda: address[0], ctl.roots, TOKEN)
+        store = IdentityStore(TD, DC, NODE, tmp_path / "agent", alpn=("http/1.1",))
+        with trio.fail_after(10):
+            await nursery.start(serve_identities, store, client, set)
+        first_life.cancel_scope.cancel()  # the controller dies right after the first issue
+    node_id = spiffe.node_id(TD, DC, NODE)
+    first = store.held(node_id)
+    assert first is not None
+
+    await trio.sleep(max(0.0, first.info.not_before + 60 + 2.5 - time.time()))
+    # Renewal (due at 2.1 s) failed; the last good certificate is still the one served.
+    held = store.held(node_id)
+    assert held is not None and held.info.serial == first.info.serial
+
+    async with trio.open_nursery() as second_life:
+        address[0] = (await _start(second_life, cfg)).address  # same state_dir: same CA
+        await _wait_until(
+            lambda: (h := store.held(node_id)) is not None and h.info.serial != first.info.serial
+        )
+        assert store.ready()
+        second_life.cancel_scope.cancel()
