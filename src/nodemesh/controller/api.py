@@ -267,7 +267,11 @@ async def serve_api(
 async def _serve_connection(
     api: ControllerApi, tcp: trio.SocketStream, ctx: ssl.SSLContext
 ) -> None:
-    peer_ip = str(tcp.socket.getpeername()[0])
+    try:
+        peer_ip = str(tcp.socket.getpeername()[0])
+    except OSError:  # reset before we even looked: nothing to serve
+        await trio.aclose_forcefully(tcp)
+        return
     stream = trio.SSLStream(tcp, ctx, server_side=True, https_compatible=True)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):

@@ -21,7 +21,7 @@ from nodemesh import log
 from nodemesh.config import ControllerConfig, read_secret
 from nodemesh.controller.api import ControllerApi, serve_api
 from nodemesh.controller.catalog import CONTROLLER_SERVICE, Catalog, ConsulUnavailable
-from nodemesh.errors import ConfigError, NodemeshError
+from nodemesh.errors import ConfigError, IdentityError, NodemeshError
 from nodemesh.identity import keys, spiffe, tls
 from nodemesh.identity.ca import CertificateAuthority
 from nodemesh.identity.keys import LeafInfo
@@ -68,8 +68,13 @@ class OwnCertificate:
     async def serve_renewal(self) -> None:
         while True:
             await trio.sleep(max(1.0, self.renew_at - time.time()))
-            self.issue()
-            _log.info("controller_cert_renewed", not_after=self.info.not_after)
+            try:
+                self.issue()
+            except IdentityError as e:  # keep serving the current one; try again soon
+                _log.error("controller_cert_renew_failed", error=str(e))
+                self.renew_at = time.time() + 60.0
+            else:
+                _log.info("controller_cert_renewed", not_after=self.info.not_after)
 
 
 async def serve_controller(
