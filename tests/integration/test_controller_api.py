@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 import ssl
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
@@ -618,3 +620,43 @@ async def test_rotation_survives_a_controller_outage(
         )
         assert store.ready()
         second_life.cancel_scope.cancel()
+
+
+def test_the_controller_process_stops_cleanly_on_sigterm(
+    dev_consul: DevConsul, tmp_path: Path
+) -> None:
+    (tmp_path / "join-token").write_text(TOKEN + "\n")
+    (listen,) = _free_ports(1)
+    config = tmp_path / "controller.toml"
+    config.write_text(
+        "[controller]\n"
+        f'node = "{NODE}"\ntrust_domain = "{TD}"\nlisten = "127.0.0.1:{listen}"\n'
+        f'state_dir = "{tmp_path / "state"}"\njoin_token_file = "{tmp_path / "join-token"}"\n'
+        f'[consul]\naddress = "127.0.0.1:{dev_consul.http_port}"\n'
+    )
+    main = "from nodemesh.controller.cli import controller; controller()"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", main, "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    c = dev_consul.client()
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the process prints it once it serves
+        assert line == f"nodemesh controller listening on 127.0.0.1:{listen}\n"
+        deadline = time.monotonic() + 10
+        while not c.health.service(CONTROLLER_SERVICE)[1]:
+            assert time.monotonic() < deadline, "controller never registered in Consul"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert c.health.service(CONTROLLER_SERVICE)[1] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
