@@ -14,7 +14,8 @@ import click
 import trio
 
 from nodemesh import __version__
-from nodemesh.config import ConfigError, load_agent_config, parse_addr
+from nodemesh.config import load_agent_config, parse_addr
+from nodemesh.errors import ConfigError
 
 
 class _Group(click.Group):

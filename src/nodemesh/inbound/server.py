@@ -69,7 +69,7 @@ class Inbound:
         except IO_ERRORS as e:
             _log.info("tls_handshake_failed", peer=peer, reason=_reason(e))
             return
-        client = peer_identity(tls)  # type: ignore[arg-type]  # SSLStream forwards getpeercert
+        client = peer_identity(tls)
         served = self._served(tls.context)
         if client is None or served is None or served.kind != "svc":
             _log.info(

@@ -37,6 +37,7 @@ from nodemesh.transport.original_dst import original_dst
 
 _log = log.get("nodemesh.outbound")
 TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds
+CONNECT_ATTEMPTS = 3  # endpoints tried when connecting fails (nothing was sent yet)
 
 
 class Outbound:
@@ -70,7 +71,7 @@ class Outbound:
         ctx = self.agent.identities.client_context(self.agent.source_identity())
         tcp = await open_tcp(host, port, cfg.outbound_connect_timeout)
         tls = await open_tls(tcp, ctx, spiffe.server_name(expected), TLS_HANDSHAKE_TIMEOUT)
-        got = peer_identity(tls)  # type: ignore[arg-type]  # SSLStream forwards getpeercert
+        got = peer_identity(tls)
         if got != expected:
             await close_quietly(tls)
             raise UpstreamConnectError(
@@ -216,16 +217,22 @@ class OutboundRoute:
     async def open(
         self, req: h11.Request, *, fresh: bool
     ) -> tuple[Upstream, list[tuple[bytes, bytes]]]:
+        # A connection that could not be opened carried no request byte, so trying another
+        # endpoint is always safe (any method).  The failed one is penalised in the balancer.
         balancer = self._out.agent.balancer(self.service)
-        ep = balancer.pick()
-        start = time.perf_counter()
-        try:
-            up = await self._out.pool.acquire((ep.peer, self.service), fresh=fresh)
-        except ProxyError:
-            balancer.done(ep, time.perf_counter() - start, failed=True)
-            raise
-        self._ep = ep
-        return up, [(DST_HEADER, f"{ep.address}:{ep.port}".encode())]
+        for attempt in range(CONNECT_ATTEMPTS):
+            ep = balancer.pick()
+            start = time.perf_counter()
+            try:
+                up = await self._out.pool.acquire((ep.peer, self.service), fresh=fresh)
+            except ProxyError:
+                balancer.done(ep, time.perf_counter() - start, failed=True)
+                if attempt + 1 == CONNECT_ATTEMPTS or len(balancer.endpoints) < 2:
+                    raise
+                continue
+            self._ep = ep
+            return up, [(DST_HEADER, f"{ep.address}:{ep.port}".encode())]
+        raise AssertionError("unreachable")
 
     async def release(self, up: Upstream, *, failed: bool, rtt: float) -> None:
         if self._ep is not None:

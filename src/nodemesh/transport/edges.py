@@ -49,7 +49,8 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
-async def open_tcp(host: str, port: int, timeout: float) -> trio.SocketStream:
+# The edges take their timeout so the boundary can name the peer in UpstreamTimeout.
+async def open_tcp(host: str, port: int, timeout: float) -> trio.SocketStream:  # noqa: ASYNC109
     """A TCP connection (TCP_NODELAY is trio's default), or UpstreamConnectError/Timeout."""
     try:
         with trio.fail_after(timeout):
@@ -61,7 +62,10 @@ async def open_tcp(host: str, port: int, timeout: float) -> trio.SocketStream:
 
 
 async def open_tls(
-    stream: trio.abc.Stream, ctx: ssl.SSLContext, server_hostname: str, timeout: float
+    stream: trio.abc.Stream,
+    ctx: ssl.SSLContext,
+    server_hostname: str,
+    timeout: float,  # noqa: ASYNC109
 ) -> trio.SSLStream[trio.abc.Stream]:
     tls = trio.SSLStream(stream, ctx, server_hostname=server_hostname)
     try:
