@@ -107,6 +107,15 @@ def _quiet(msg: str) -> None:
 
 
 class Lab:
+    """A started lab (use it as a context manager); hosts are named "c1", "ctl", "h1", ...
+
+    Build: ``start``/``close`` (or ``with``).  Look: ``host``, ``host_ip``, ``exec``, ``curl``,
+    ``wait_http``, ``consul_api``, ``logs``, ``log_path``, ``admin_url``, ``app_url``.
+    Change: ``start_app``/``stop_app``, ``start_agent``/``stop_agent``,
+    ``start_controller``/``stop_controller``, ``start_load``, and ``consul`` (a
+    ``ConsulCluster``: ``stop_agent``, ``kill_agent``, ``start_agent``, ``leader``, ``members``).
+    """
+
     def __init__(self, spec: LabSpec | None = None, progress: Callable[[str], None] = _quiet):
         self.spec = spec or LabSpec()
         self.progress = progress
@@ -408,14 +417,14 @@ class Lab:
             "ctl", "controller", [str(self.bin / "nodemesh"), "controller", "--config", str(path)]
         )
         if wait:
-            self.wait_controller_registered()
+            self.wait_controller_healthy()
         return self.controller
 
     def stop_controller(self) -> None:
         if self.controller is not None:
             self.controller.stop()
 
-    def wait_controller_registered(self) -> None:
+    def wait_controller_healthy(self) -> None:
         """Bounded: the controller runs and Consul has ``nodemesh-controller`` passing (agents
         look for a healthy one)."""
         deadline = time.monotonic() + self.spec.ready_timeout
