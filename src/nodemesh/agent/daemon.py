@@ -68,7 +68,12 @@ async def _register(consul: ConsulClient, cfg: AgentConfig, advertise: str) -> N
         advertise,
         cfg.inbound_addr[1],
         meta={"version": __version__, "admin": f"{admin_host}:{admin_port}"},
-        check=http_check(f"http://{check_host}:{admin_port}/ready", "2s", timeout="1s"),
+        # Registered only once ready, so the check starts passing: otherwise this node's
+        # services would be unroutable until Consul's first probe, up to one interval later.
+        check={
+            **http_check(f"http://{check_host}:{admin_port}/ready", "2s", timeout="1s"),
+            "Status": "passing",
+        },
     )
 
 

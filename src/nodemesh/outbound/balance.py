@@ -10,9 +10,12 @@ distinct endpoints at random and take the one with the lower cost
 so a slow endpoint and a busy one both look expensive.  On each response the estimate takes a
 new peak at once (``rtt > estimate`` → ``estimate = rtt``) and otherwise decays toward the
 observed RTT with weight ``w = exp(-elapsed / DECAY)``.  Reading the cost decays it toward zero
-as time passes, so an endpoint that was slow long ago gets probed again.  An endpoint with no
-history and a request already in flight gets a large penalty, so a fresh, unknown endpoint is
-not flooded before its first answer.  A failure (connect error, reset, 5xx from the proxy
+as time passes, so an endpoint that was slow long ago gets probed again.
+
+An endpoint with no history costs nothing while idle, so a new instance is probed at once
+instead of waiting for the others' estimates to decay below a guess; with a request already in
+flight it costs a large penalty, so it is not flooded before its first answer (both Finagle's
+rules).  Its first observed RTT replaces the ``DEFAULT_RTT`` placeholder outright.  A failure (connect error, reset, 5xx from the proxy
 itself) is recorded as an RTT of at least ``FAILURE_PENALTY``, so an endpoint that fails fast is
 not mistaken for one that answers fast.
 
@@ -30,7 +33,7 @@ from typing import Generic, TypeVar
 from nodemesh.errors import NoEndpoints
 
 DECAY = 10.0  # seconds; Finagle and Linkerd default
-DEFAULT_RTT = 0.030  # seconds; cost of an endpoint with no history (Linkerd default)
+DEFAULT_RTT = 0.030  # seconds; estimate before the first answer (Linkerd default)
 PENALTY = 1e6  # seconds; an unknown endpoint with a request in flight (Finagle)
 FAILURE_PENALTY = 1.0  # seconds; the RTT recorded for a connection failure
 
@@ -50,12 +53,12 @@ class _Stats:
         elapsed = max(now - self.stamp, 0.0)
         self.estimate *= math.exp(-elapsed / DECAY)
         self.stamp = now
-        if not self.seen and self.pending:
-            return PENALTY + self.pending
+        if not self.seen:
+            return PENALTY + self.pending if self.pending else 0.0
         return self.estimate * (self.pending + 1)
 
     def observe(self, rtt: float, now: float) -> None:
-        if rtt > self.estimate:
+        if not self.seen or rtt > self.estimate:
             self.estimate = rtt
         else:
             w = math.exp(-max(now - self.stamp, 0.0) / DECAY)

@@ -322,7 +322,9 @@ async def _relay_response(
                 )
             out = ds.send(
                 h11.InformationalResponse(
-                    status_code=ev.status_code, headers=forward_headers(ev.headers)
+                    status_code=ev.status_code,
+                    headers=forward_headers(ev.headers),
+                    reason=ev.reason,
                 )
             )
         elif isinstance(ev, h11.EndOfMessage):
@@ -337,8 +339,10 @@ async def _relay_response(
 
 
 async def respond_error(ds: h11.Connection, dstream: trio.abc.Stream, err: ProxyError) -> bool:
-    """Answer ``err`` if no response has started.  True if the connection may continue."""
-    if ds.our_state is not h11.SEND_RESPONSE:
+    """Answer ``err`` if no response has started.  True if the connection may continue.
+
+    Our side is IDLE when the request head itself was malformed: h11 still lets us answer."""
+    if ds.our_state is not h11.SEND_RESPONSE and ds.our_state is not h11.IDLE:
         return False
     body = f"{err.detail}\n".encode()
     headers = [
