@@ -378,7 +378,8 @@ def test_client_reset_mid_request_harms_nothing(lab: Lab) -> None:
         import socket, struct
         for _ in range(20):
             s = socket.create_connection(("{ip}", 8080), timeout=10)
-            s.sendall(b"POST /echo HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: 100000\\r\\n\\r\\n" + b"x" * 5000)
+            head = b"POST /echo HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: 100000\\r\\n\\r\\n"
+            s.sendall(head + b"x" * 5000)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             s.close()  # RST with the body half sent
         """,

@@ -15,11 +15,12 @@ as time passes, so an endpoint that was slow long ago gets probed again.
 An endpoint with no history costs nothing while idle, so a new instance is probed at once
 instead of waiting for the others' estimates to decay below a guess; with a request already in
 flight it costs a large penalty, so it is not flooded before its first answer (both Finagle's
-rules).  Its first observed RTT replaces the ``DEFAULT_RTT`` placeholder outright.  A failure (connect error, reset, 5xx from the proxy
-itself) is recorded as an RTT of at least ``FAILURE_PENALTY``, so an endpoint that fails fast is
-not mistaken for one that answers fast.
+rules).  Its first observed RTT replaces the ``DEFAULT_RTT`` placeholder outright.
 
-Constants follow Finagle and Linkerd: DECAY 10 s, a new endpoint starts at 30 ms.
+A failure (connect error, reset, 5xx from the proxy itself) is recorded as an RTT of at least
+``FAILURE_PENALTY``, so an endpoint that fails fast is not mistaken for one that answers fast.
+
+Constants follow Finagle and Linkerd: DECAY 10 s, a 30 ms estimate before the first answer.
 """
 
 from __future__ import annotations
