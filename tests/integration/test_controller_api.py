@@ -17,12 +17,11 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
-import consul
 import h11
 import pytest
 import trio
@@ -33,95 +32,14 @@ from nodemesh.controller.daemon import serve_controller
 from nodemesh.identity import keys, spiffe, tls
 from nodemesh.identity.client import ControllerClient, ControllerRefused, ControllerUnavailable
 from nodemesh.identity.store import IdentityStore, serve_identities
+from tests.integration.devconsul import NODE, DevConsul, free_ports
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 TD = "mesh.test"
 DC = "dc1"
-NODE = "nm-ctl-test"
 TOKEN = "s3cret-join-token"
-
-
-# --- a real Consul ---------------------------------------------------------------------------
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-@dataclass(frozen=True)
-class DevConsul:
-    http_port: int
-
-    def client(self) -> consul.Consul:
-        return consul.Consul(host="127.0.0.1", port=self.http_port)
-
-
-@pytest.fixture(scope="module")
-def dev_consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevConsul]:
-    found = subprocess.run(
-        [str(REPO / "scripts" / "fetch-consul")], capture_output=True, text=True, timeout=300
-    )
-    binary = found.stdout.strip().splitlines()[-1] if found.stdout.strip() else ""
-    if found.returncode != 0 or not binary:
-        pytest.fail(f"no Consul binary: {found.stderr.strip()}")
-    d = tmp_path_factory.mktemp("consul")
-    http, dns, lan, wan, server = _free_ports(5)
-    (d / "agent.json").write_text(
-        json.dumps(
-            {
-                "node_name": NODE,
-                "bind_addr": "127.0.0.1",
-                "advertise_addr": "127.0.0.1",
-                "client_addr": "127.0.0.1",
-                "disable_update_check": True,
-                "ports": {
-                    "http": http,
-                    "dns": dns,
-                    "serf_lan": lan,
-                    "serf_wan": wan,
-                    "server": server,
-                    "grpc": -1,
-                },
-            }
-        )
-    )
-    log = (d / "consul.log").open("wb")
-    proc = subprocess.Popen(
-        [binary, "agent", "-dev", "-config-file", str(d / "agent.json")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        c = consul.Consul(host="127.0.0.1", port=http)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if c.status.leader() and c.catalog.node(NODE)[1]:
-                    break
-            except Exception:  # not up yet
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail(f"consul did not start: {(d / 'consul.log').read_text()[-2000:]}")
-            time.sleep(0.1)
-        c.agent.service.register("web", service_id="web-1", port=8080)
-        yield DevConsul(http)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
 
 
 # --- a real controller -----------------------------------------------------------------------
@@ -293,7 +211,7 @@ async def test_controller_registers_in_consul_and_deregisters_on_stop(
 
 
 async def test_consul_down_is_503_and_names_consul(tmp_path: Path, nursery: trio.Nursery) -> None:
-    (dead,) = _free_ports(1)
+    (dead,) = free_ports(1)
     ctl = await _start(nursery, _config(tmp_path, dead))
     with pytest.raises(ControllerRefused) as e:
         await ctl.client().sign_node(_node_csr()[1])
@@ -302,14 +220,14 @@ async def test_consul_down_is_503_and_names_consul(tmp_path: Path, nursery: trio
 
 
 async def test_client_reports_an_unreachable_controller() -> None:
-    (dead,) = _free_ports(1)
+    (dead,) = free_ports(1)
     roots = keys.generate_key()  # not even a cert: construction must refuse it
     with pytest.raises(Exception, match="trust bundle"):
         ControllerClient(lambda: f"127.0.0.1:{dead}", roots, TOKEN)
 
 
 async def test_client_reports_a_controller_that_is_not_listening(ctl: Running) -> None:
-    (dead,) = _free_ports(1)
+    (dead,) = free_ports(1)
     client = ControllerClient(lambda: f"127.0.0.1:{dead}", ctl.roots, TOKEN)
     with pytest.raises(ControllerUnavailable, match=f"127.0.0.1:{dead} unreachable"):
         await client.health()
@@ -626,7 +544,7 @@ def test_the_controller_process_stops_cleanly_on_sigterm(
     dev_consul: DevConsul, tmp_path: Path
 ) -> None:
     (tmp_path / "join-token").write_text(TOKEN + "\n")
-    (listen,) = _free_ports(1)
+    (listen,) = free_ports(1)
     config = tmp_path / "controller.toml"
     config.write_text(
         "[controller]\n"
