@@ -28,9 +28,7 @@ def balancer(*endpoints: str, seed: int = 7) -> tuple[Balancer[str], Clock]:
 
 
 def warm(b: Balancer[str], clock: Clock, rtts: dict[str, float]) -> None:
-    """Set each endpoint's estimate to ``rtt``: one answer, long after the endpoint appeared, so
-    the weight of the 30 ms starting estimate is e^-50 (and a larger RTT is a peak anyway)."""
-    clock.now += 50 * DECAY
+    """Set each endpoint's estimate to ``rtt`` with one answer: the first replaces the guess."""
     for e, rtt in rtts.items():
         b._stats[e].pending += 1  # as if picked; ``pick`` cannot be aimed at one endpoint
         b.done(e, rtt)
@@ -60,18 +58,21 @@ def test_one_endpoint_is_always_picked_and_counts_pending() -> None:
     assert repr(b) == "<Balancer web endpoints=1>"
 
 
-def test_new_endpoint_costs_the_default_rtt() -> None:
-    b, _ = balancer("a", "b")
-    assert b.cost("a") == DEFAULT_RTT == 0.030
+def test_new_idle_endpoint_costs_nothing_so_it_is_probed_at_once() -> None:
+    b, clock = balancer("old", "new")
+    warm(b, clock, {"old": 0.001})
+    assert b.cost("new") == 0.0
+    assert b.pick() == "new"  # cheaper than any endpoint with history
+    assert b.cost("new") == PENALTY + 1  # no answer yet: not flooded
+    assert b.pick() == "old"
 
 
-def test_a_fast_first_answer_right_away_barely_moves_the_default() -> None:
-    # The EWMA weight is per elapsed time, as in Finagle and tower: an answer at the instant the
-    # endpoint appeared carries no weight.  Only a slower answer (a peak) moves it at once.
+def test_the_first_answer_replaces_the_placeholder_outright() -> None:
     b, _ = balancer("a")
     b.pick()
-    b.done("a", 0.001)
-    assert b.cost("a") == pytest.approx(DEFAULT_RTT)
+    b.done("a", 0.001)  # faster than DEFAULT_RTT and at once: still taken as is
+    assert b.cost("a") == pytest.approx(0.001)
+    assert DEFAULT_RTT == 0.030
 
 
 def test_peak_is_taken_at_once() -> None:
@@ -159,10 +160,12 @@ def test_update_keeps_the_stats_of_endpoints_that_stay() -> None:
     assert b.source is source
     assert b.endpoints == ("a", "c")
     assert b._stats["a"] is stats_a
-    assert b.cost("c") == DEFAULT_RTT
+    assert not b._stats["c"].seen
+    assert b.cost("c") == 0.0
     assert "b" not in b._stats  # left with nothing in flight: forgotten
     b.update(["a", "b"])
-    assert b.cost("b") == DEFAULT_RTT  # came back: starts over
+    assert not b._stats["b"].seen  # came back: starts over
+    assert b._stats["a"].estimate == pytest.approx(0.25)
 
 
 def test_endpoint_removed_while_pending() -> None:
