@@ -434,9 +434,12 @@ def test_opaque_tcp_through_the_mesh(lab: Lab) -> None:
                 "h1",
                 f"""
                 import socket
-                s = socket.create_connection(("{ip}", 7000), timeout=5)
-                s.sendall(b"ping through the mesh\\n")
-                print(s.recv(100).decode().strip())
+                try:
+                    s = socket.create_connection(("{ip}", 7000), timeout=5)
+                    s.sendall(b"ping through the mesh\\n")
+                    print(s.recv(100).decode().strip())
+                except OSError as e:  # refused until echo's check passes
+                    print("error", e)
             """,
             )
             metrics = lab.curl("ctl", lab.admin_url("h1", "/metrics")).text
