@@ -17,6 +17,7 @@ never leaves a process or a namespace behind.
 
 from __future__ import annotations
 
+import atexit
 import grp
 import json
 import os
@@ -106,6 +107,17 @@ def _quiet(msg: str) -> None:
     pass
 
 
+# Labs not closed yet.  A driver interrupted where no `finally` runs (a test runner stopped by
+# Ctrl-C between fixtures) still exits through atexit, which closes them.
+_open_labs: set[Lab] = set()
+
+
+@atexit.register
+def _close_open_labs() -> None:
+    for lab in list(_open_labs):
+        lab.close(quiet=True)
+
+
 class Lab:
     """A started lab (use it as a context manager); hosts are named "c1", "ctl", "h1", ...
 
@@ -133,6 +145,7 @@ class Lab:
         self.ca_state = self.dir / "ctl" / "controller-state"
         self._closed = False
         self._keep = self.spec.keep_workdir
+        _open_labs.add(self)
 
     def __repr__(self) -> str:
         return f"<Lab {self.net.prefix} hosts={list(self.net.hosts)} dir={self.dir}>"
@@ -209,6 +222,7 @@ class Lab:
         if self._closed:
             return
         self._closed = True
+        _open_labs.discard(self)
         # A second Ctrl-C (or a SIGTERM turned into one) must not cut teardown short.
         in_main = threading.current_thread() is threading.main_thread()
         held = (signal.SIGINT, signal.SIGTERM) if in_main else ()
