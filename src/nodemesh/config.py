@@ -65,6 +65,8 @@ def parse_addr(v: Any) -> tuple[str, int]:
 
 
 def _port(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int | str):
+        raise _Bad("is not a port number (1-65535)")
     try:
         p = int(v)
     except (TypeError, ValueError):
@@ -81,7 +83,7 @@ def parse_ports(v: Any) -> tuple[int, ...]:
 
 
 def parse_cidrs(v: Any) -> tuple[str, ...]:
-    if not isinstance(v, list):
+    if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
         raise _Bad('is not a list of CIDRs (like ["10.0.0.0/8"])')
     try:
         return tuple(str(ipaddress.ip_network(c, strict=False)) for c in v)
@@ -293,6 +295,10 @@ def _read(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such file; pass --config with an existing file") from None
     except PermissionError:
         raise ConfigError(f"{path}: permission denied; make it readable by nodemesh") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; pass --config with a TOML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML: the file is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
 

@@ -653,11 +653,6 @@ async def test_route_open_errors_are_answered(
         assert m.app.connections == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: forward answers a route error before reading a body-less request's end, so the "
-    "503 says 'connection: close' and the app must reconnect for every request in an outage",
-)
 async def test_keep_alive_survives_a_503_for_a_get(autojump_clock: Clock) -> None:
     async with mesh() as m:
         m.route.open_error = NoEndpoints("service web has no healthy endpoints")
@@ -825,11 +820,6 @@ async def test_stale_reused_upstream_is_not_retried_for_post(autojump_clock: Clo
         assert m.app.connections == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: EOF before any response byte is UpstreamProtocolError, not UpstreamClosed: "
-    "a stale keep-alive connection closed with a FIN (the usual case on TCP) is never retried",
-)
 async def test_stale_upstream_closed_with_fin_is_retried_for_get(autojump_clock: Clock) -> None:
     async with mesh(lambda ex: answer_then(ex, "fin")) as m:
         c = await m.connect()
@@ -839,11 +829,6 @@ async def test_stale_upstream_closed_with_fin_is_retried_for_get(autojump_clock:
         assert (r.status, r.body) == (200, b"GET /2")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the retry of a body-less request waits again for its EndOfMessage, which h11 "
-    "already delivered on the first attempt: it hangs when the failure came after the head",
-)
 async def test_stale_upstream_reset_after_the_request_is_retried(autojump_clock: Clock) -> None:
     async def second_request_resets(ex: Exchange) -> None:
         await ex.read_body()
@@ -1027,11 +1012,6 @@ async def test_connect_is_handed_to_the_route_tunnel(autojump_clock: Clock) -> N
 # --- framing headers named in Connection --------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: forward_headers drops a Connection-named content-length; the body then cannot "
-    "be framed upstream and the healthy endpoint is blamed (502, released as failed)",
-)
 async def test_connection_naming_content_length_does_not_blame_the_endpoint(
     autojump_clock: Clock,
 ) -> None:

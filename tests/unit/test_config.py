@@ -319,33 +319,21 @@ def test_read_secret(tmp_path: Path) -> None:
 # --- values that are accepted but should not be --------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: config._port truncates floats: opaque_ports = [80.9] becomes 80"
-)
 def test_float_port_is_rejected() -> None:
     with pytest.raises(ConfigError, match="is not a port number"):
         agent_config_from_mapping({"outbound": {"opaque_ports": [80.9]}})
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: parse_cidrs hands ints to ip_network: [10] becomes 0.0.0.10/32"
-)
 def test_integer_cidr_is_rejected() -> None:
     with pytest.raises(ConfigError, match="is not a list of CIDRs"):
         agent_config_from_mapping({"interception": {"exclude_cidrs": [10]}})
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: config._read lets IsADirectoryError escape instead of ConfigError"
-)
 def test_directory_instead_of_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=re.escape(str(tmp_path))):
         load_agent_config(tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: config._read lets UnicodeDecodeError escape instead of ConfigError"
-)
 def test_file_that_is_not_utf8(tmp_path: Path) -> None:
     p = tmp_path / "agent.toml"
     p.write_bytes(b'[agent]\nnode = "\xff"\n')

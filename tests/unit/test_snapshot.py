@@ -403,20 +403,12 @@ def test_build_never_raises_and_keeps_the_good_entry(
 # --- values that slip through -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse_entry passes non-strings to ip_address: Address 3232235777 → 192.168.1.1",
-)
 @pytest.mark.parametrize("address", [3232235777, True], ids=repr)
 def test_non_string_address_is_rejected(address: Any) -> None:
     snap = build(mesh(web=[entry("h2", "web", 8080, address=address)]), "h1")
     assert snap.rejected == (f"web: Service.Address = {address!r} is not an IP address",)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse_entry treats a non-list Checks as no checks, i.e. passing",
-)
 @pytest.mark.parametrize("checks", [None, "passing", {"Status": "critical"}], ids=repr)
 def test_unreadable_checks_are_rejected(checks: Any) -> None:
     bad = entry("h2", "web", 8080, status="critical")

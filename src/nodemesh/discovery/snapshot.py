@@ -98,6 +98,8 @@ def parse_entry(service: str, raw: Any) -> Instance:
         raise ValueError(f"Node.Node = {node_name!r} is not a node name")
     address: Any = svc.get("Address") or node.get("Address")
     try:
+        if not isinstance(address, str):
+            raise TypeError(address)
         address = str(ipaddress.ip_address(address))
     except (TypeError, ValueError):
         raise ValueError(f"Service.Address = {address!r} is not an IP address") from None
@@ -105,7 +107,7 @@ def parse_entry(service: str, raw: Any) -> Instance:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ValueError(f"Service.Port = {port!r} is not a port number")
     if not isinstance(checks, list):
-        checks = []
+        raise ValueError(f"Checks = {checks!r} is not a list")
     passing = all(isinstance(c, Mapping) and c.get("Status") == "passing" for c in checks)
     meta_raw = svc.get("Meta")
     meta = {str(k): str(v) for k, v in meta_raw.items()} if isinstance(meta_raw, Mapping) else {}

@@ -45,6 +45,7 @@ def forward_headers(
     for name, value in hdrs:
         if name == b"connection":
             named.update(t.strip().lower() for t in value.split(b","))
+    named -= {b"content-length", b"transfer-encoding"}  # framing: h11 re-frames each hop
     out = [
         (n, v)
         for n, v in hdrs

@@ -186,6 +186,8 @@ async def forward(
             up, extra = await route.open(req, fresh=fresh)
         except ProxyError as e:
             route.record(req, e.status, time.perf_counter() - start)
+            if not has_body and ds.their_state is h11.SEND_BODY:
+                await next_event(ds, dstream, downstream_errors)  # the EndOfMessage: keep-alive
             return await respond_error(ds, dstream, e)
         sent = time.perf_counter()
         ex = _Exchange()
@@ -237,9 +239,10 @@ async def _exchange(
         with upstream_errors():
             await up.stream.send_all(head)
         if not has_body:
-            ev = await next_event(ds, dstream, downstream_errors)
-            if not isinstance(ev, h11.EndOfMessage):
-                raise BadRequest("request body without framing")
+            if ds.their_state is not h11.DONE:  # a retry: the first attempt already read it
+                ev = await next_event(ds, dstream, downstream_errors)
+                if not isinstance(ev, h11.EndOfMessage):
+                    raise BadRequest("request body without framing")
             ex.request_done = True
             with upstream_errors():
                 await up.stream.send_all(up.conn.send(h11.EndOfMessage()))
@@ -302,6 +305,8 @@ async def _relay_response(
         try:
             ev = await next_event(up.conn, up.stream, upstream_errors)
         except h11.RemoteProtocolError as e:
+            if not ex.response_started and up.conn.trailing_data == (b"", True):
+                raise UpstreamClosed("upstream closed the connection before responding") from None
             raise UpstreamProtocolError(f"upstream sent malformed HTTP: {e}") from None
         if isinstance(ev, h11.Data):
             out = ds.send(ev)

@@ -13,6 +13,7 @@ windows replaces the transport later without changing the table.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import urllib.error
 import urllib.request
@@ -95,17 +96,20 @@ def rows(docs: Iterable[Mapping[str, Any]], meshed: Mapping[str, int]) -> dict[s
         for s in doc.get("series", []) if isinstance(doc.get("series"), list) else []:
             if not isinstance(s, dict) or s.get("direction") not in by_dir:
                 continue
-            name = str(s.get("service"))
-            row = by_dir[s["direction"]].setdefault(name, Row(name))
-            count = s.get("count")
+            name, count = s.get("service"), s.get("count")
+            if not isinstance(name, str) or isinstance(count, bool):
+                continue
             if not isinstance(count, int) or count < 0:
                 continue
+            row = by_dir[s["direction"]].setdefault(name, Row(name))
             row.requests += count
             if s.get("status") in ("5xx", "error"):
                 row.failures += count
             h = _decode(s.get("hdr"))
             if h is not None:
-                row.latency.add(h)
+                # Values beyond this build's range (another version's agent): keep the count only.
+                with contextlib.suppress(IndexError):
+                    row.latency.add(h)
         for t in doc.get("tcp", []) if isinstance(doc.get("tcp"), list) else []:
             if isinstance(t, dict) and t.get("direction") == "inbound":
                 row = by_dir["inbound"].setdefault(
