@@ -507,6 +507,24 @@ def _passing(lab: Lab, service: str) -> set[str]:
     return {e["Node"]["Node"] for e in entries}
 
 
+def test_y_deregistered_instance_stops_getting_traffic(lab: Lab) -> None:
+    lab.stop_app("h3", "web")  # SIGTERM: the app deregisters itself from Consul
+    deadline = time.monotonic() + 15
+    while "h3" in _passing(lab, "web") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    try:
+        hosts = Counter()
+        for _ in range(20):
+            r = lab.curl("h1", _web(lab, "h2"))
+            assert r.status == 200, r.text
+            hosts[r.json()["host"]] += 1
+        assert hosts == {"h2": 20}
+    finally:
+        lab.start_app("h3", "web", 8080)  # back, for the last test
+    lab.wait_http("h1", _web(lab, "h3"))
+
+
 def test_z_killed_instance_stops_getting_traffic(lab: Lab) -> None:
     proc = lab.apps[("h3", "web")]
     proc.signal(signal.SIGKILL)  # no deregistration: Consul's check must notice

@@ -32,7 +32,7 @@ from nodemesh.discovery.consul import ConsulClient, ConsulUnavailable, http_chec
 from nodemesh.discovery.snapshot import AGENT_SERVICE
 from nodemesh.discovery.watch import CatalogWatch
 from nodemesh.errors import NodemeshError
-from nodemesh.identity.client import ControllerClient
+from nodemesh.identity.client import ControllerClient, ControllerUnavailable
 from nodemesh.identity.store import IdentityStore, serve_identities
 from nodemesh.inbound.server import Inbound
 from nodemesh.outbound.server import Outbound
@@ -49,8 +49,8 @@ def _controller_address(cfg: AgentConfig, agent: AgentState) -> Callable[[], str
         if cfg.controller_address:
             return cfg.controller_address
         ctrls = agent.snapshot.controllers
-        if not ctrls:
-            raise NodemeshError(
+        if not ctrls:  # an identity error: rotation retries with backoff, the agent waits
+            raise ControllerUnavailable(
                 "no healthy nodemesh-controller in Consul; start one or set controller.address"
             )
         host, port = ctrls[hash(cfg.node) % len(ctrls)]

@@ -31,12 +31,14 @@ class AgentState:
         self.draining = False
         self._balancers: dict[str, Balancer[Endpoint]] = {}
         self.on_snapshot: list[Callable[[Snapshot], None]] = []
+        self._source = self.node_identity
 
     def __repr__(self) -> str:
         return f"<AgentState {self.cfg.node} {self.snapshot!r} draining={self.draining}>"
 
     def publish(self, snap: Snapshot) -> None:
         self.snapshot = snap
+        self._source = self._pick_source(snap)
         for name in list(self._balancers):
             if name not in snap.endpoints:
                 del self._balancers[name]
@@ -61,13 +63,15 @@ class AgentState:
         return spiffe.node_id(self.cfg.trust_domain, self.cfg.datacenter, self.cfg.node)
 
     def source_identity(self) -> SpiffeId:
-        """The identity outbound connections present.
+        """The identity outbound connections present (fixed per snapshot: read per request)."""
+        return self._source
 
-        A host running exactly one service speaks as that service; a host with several (or none)
-        speaks as its node, since the agent cannot yet tell which local process opened the
-        connection.
-        """
-        local = [s for s in self.snapshot.local if s in self.snapshot.by_addr.values()]
+    def _pick_source(self, snap: Snapshot) -> SpiffeId:
+        """A host running exactly one meshed service speaks as that service; a host with several
+        (or none) speaks as its node, since the agent cannot yet tell which local process
+        opened the connection."""
+        meshed = set(snap.by_addr.values())
+        local = [s for s in snap.local if s in meshed]
         if len(local) == 1:
             return self.service_identity(local[0])
         return self.node_identity

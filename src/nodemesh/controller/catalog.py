@@ -71,6 +71,9 @@ class Catalog:
     async def register_controller(self, service_id: str, address: str, port: int) -> None:
         def call(c: Any) -> None:
             check = consul.Check.tcp(address, port, CHECK_INTERVAL, timeout=CHECK_TIMEOUT)
+            # Registered only once listening: start passing, or agents wait a whole interval
+            # before they find any controller.
+            check["Status"] = "passing"
             c.agent.service.register(
                 CONTROLLER_SERVICE, service_id=service_id, address=address, port=port, check=check
             )
