@@ -1,0 +1,425 @@
+"""HTTP/2 connections between agents (h2 under trio): streams as objects, back-pressure end to end.
+
+Theory of operation
+-------------------
+One task per connection reads bytes, feeds them to the h2 state machine and routes each event
+to its stream's queue.  Any task may write: every change to the state machine is followed by
+``_flush()``, which sends whatever h2 has queued under one lock (trio forbids concurrent
+``send_all`` on a stream, and frames must not interleave).
+
+Flow control is the back-pressure.  A stream's inbound data is acknowledged to the peer only
+when its consumer asks for the *next* event, i.e. after it has forwarded the previous chunk.
+A slow reader downstream therefore stops acknowledging, the peer's window closes, and the peer
+stops sending: no buffer grows past one window per stream (``INITIAL_WINDOW``).  Sending waits
+on the peer's window the same way (``H2Stream.send_data``).
+
+Streams queue events as tuples: ("headers", hdrs), ("info", hdrs), ("data", bytes, n),
+("trailers", hdrs), ("end",), ("reset", code), ("lost", reason).  A stream is forgotten once
+both sides have ended or it was reset.  A GOAWAY stops new streams on the connection; streams
+above the peer's last processed id are failed as *unprocessed*, which is always safe to retry.
+Peer misbehaviour (a protocol error) ends the connection with GOAWAY and never raises past
+``serve``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import trio
+
+from nodemesh import log
+from nodemesh.errors import NodemeshError, ProxyError
+from nodemesh.transport.edges import IO_ERRORS
+
+INITIAL_WINDOW = 1 << 20  # bytes, per stream and per connection; Linkerd's default
+MAX_CONCURRENT_STREAMS = 256
+MAX_HEADER_LIST = 64 * 1024  # bytes; larger heads are refused
+MAX_FRAME = 1 << 14  # bytes; the protocol default, which every peer accepts
+READ_SIZE = 64 * 1024
+
+Headers = list[tuple[bytes, bytes]]
+StreamHandler = Callable[["H2Stream"], Awaitable[None]]
+_log = log.get("nodemesh.h2")
+
+
+class StreamError(ProxyError):
+    """A stream failed.  ``unprocessed``: the peer guarantees it did nothing with it."""
+
+    status = 502
+    reason = "upstream stream failed"
+
+    def __init__(self, detail: str, *, code: int | None = None, unprocessed: bool = False) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.unprocessed = unprocessed
+
+
+class H2Stream:
+    __slots__ = (
+        "_conn",
+        "_events",
+        "_inbox",
+        "_unacked",
+        "_window",
+        "ended_local",
+        "ended_remote",
+        "failure",
+        "id",
+    )
+
+    def __init__(self, conn: H2Conn, stream_id: int) -> None:
+        self._conn = conn
+        self.id = stream_id
+        self._inbox, self._events = trio.open_memory_channel[tuple[Any, ...]](math.inf)
+        self._window = trio.Event()
+        self._unacked = 0
+        self.ended_local = False
+        self.ended_remote = False
+        self.failure: StreamError | None = None
+
+    def __repr__(self) -> str:
+        state = "failed" if self.failure else f"local={self.ended_local} remote={self.ended_remote}"
+        return f"<H2Stream {self.id} on {self._conn.name} {state}>"
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    async def next_event(self) -> tuple[Any, ...]:
+        """The next event; acknowledges the previous data chunk first (it has been forwarded)."""
+        if self._unacked:
+            n, self._unacked = self._unacked, 0
+            await self._conn.acknowledge(self.id, n)
+        ev = await self._events.receive()
+        kind = ev[0]
+        if kind == "data":
+            self._unacked = ev[2]
+        elif kind in ("reset", "lost"):
+            raise self.failure or StreamError("stream failed")
+        return ev
+
+    # -- sending --------------------------------------------------------------------------------
+
+    async def send_headers(self, headers: Headers, *, end: bool = False) -> None:
+        self._check()
+        self._conn.h2.send_headers(self.id, headers, end_stream=end)
+        if end:
+            self._end_local()
+        await self._conn.flush()
+
+    async def send_data(self, data: bytes | memoryview, *, end: bool = False) -> None:
+        conn = self._conn
+        view = memoryview(data)
+        while True:
+            self._check()
+            window = conn.h2.local_flow_control_window(self.id)
+            if window <= 0 and view:
+                self._window = trio.Event()
+                await self._window.wait()
+                continue
+            n = min(len(view), window, conn.h2.max_outbound_frame_size)
+            chunk, view = view[:n], view[n:]
+            last = end and not view
+            conn.h2.send_data(self.id, chunk, end_stream=last)
+            if last:
+                self._end_local()
+            await conn.flush()
+            if not view:
+                return
+
+    async def end(self, trailers: Headers | None = None) -> None:
+        self._check()
+        if trailers:
+            self._conn.h2.send_headers(self.id, trailers, end_stream=True)
+        else:
+            self._conn.h2.end_stream(self.id)
+        self._end_local()
+        await self._conn.flush()
+
+    def reset(self, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        """Abandon the stream (never raises; the RST goes out with the next flush)."""
+        if self.failure is None and not (self.ended_local and self.ended_remote):
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self._conn.h2.reset_stream(self.id, code)
+            self._conn.wake_flush()
+        self.failure = self.failure or StreamError("stream cancelled", code=code)
+        self._conn.forget(self)
+
+    def _check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def _end_local(self) -> None:
+        self.ended_local = True
+        if self.ended_remote:
+            self._conn.forget(self)
+
+    # -- called by the connection's reader ----------------------------------------------------
+
+    def _deliver(self, ev: tuple[Any, ...]) -> None:
+        if ev[0] == "end":
+            self.ended_remote = True
+            if self.ended_local:
+                self._conn.forget(self)
+        self._inbox.send_nowait(ev)
+
+    def _fail(self, err: StreamError) -> None:
+        if self.failure is None:
+            self.failure = err
+        self._window.set()
+        self._inbox.send_nowait(
+            ("reset", err.code) if err.code is not None else ("lost", err.detail)
+        )
+
+    def _wake(self) -> None:
+        self._window.set()
+
+
+class H2Conn:
+    """One HTTP/2 connection over ``io`` (already TLS); ``serve`` runs it until it ends."""
+
+    def __init__(
+        self,
+        io: trio.abc.Stream,
+        *,
+        client: bool,
+        name: str,
+        on_stream: StreamHandler | None = None,
+    ) -> None:
+        self.io = io
+        self.name = name
+        self.client = client
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=client, header_encoding=None)
+        )
+        self.h2.local_settings = h2.settings.Settings(
+            client=client,
+            initial_values={
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: INITIAL_WINDOW,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        self._on_stream = on_stream
+        self._streams: dict[int, H2Stream] = {}
+        self._send_lock = trio.Lock()
+        self._flush_needed = trio.Event()
+        self.alive = True
+        self.goaway = False
+        self.last_used = trio.current_time()
+        self.handlers: trio.Nursery | None = None
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive and not self.goaway else "closing"
+        side = "client" if self.client else "server"
+        return f"<H2Conn {self.name} {side} {state} streams={len(self._streams)}>"
+
+    @property
+    def available(self) -> bool:
+        """May carry a new stream now."""
+        return (
+            self.alive
+            and not self.goaway
+            and self.h2.open_outbound_streams < self.h2.remote_settings.max_concurrent_streams
+        )
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            self.h2.initiate_connection()
+            self.h2.increment_flow_control_window(INITIAL_WINDOW - 65535)
+            await self.flush()
+        except (NodemeshError, *IO_ERRORS):
+            self._lost("connection failed at start")
+            task_status.started()
+            return
+        async with trio.open_nursery() as nursery:
+            self.handlers = nursery
+            nursery.start_soon(self._flusher)
+            task_status.started()
+            try:
+                await self._read_loop()
+            finally:
+                # Nothing a handler does can reach the peer any more: stop them all.
+                self._lost("connection closed")
+                nursery.cancel_scope.cancel()
+
+    async def close(self, code: int = h2.errors.ErrorCodes.NO_ERROR) -> None:
+        """Send GOAWAY (no new streams) and close the transport."""
+        if self.alive:
+            try:
+                self.h2.close_connection(error_code=code)
+                await self.flush()
+            except (h2.exceptions.H2Error, NodemeshError, *IO_ERRORS):
+                pass
+        self._lost("connection closed locally")
+        with contextlib.suppress(*IO_ERRORS):
+            await trio.aclose_forcefully(self.io)
+
+    def open_stream(self) -> H2Stream:
+        sid = self.h2.get_next_available_stream_id()
+        stream = H2Stream(self, sid)
+        self._streams[sid] = stream
+        self.last_used = trio.current_time()
+        return stream
+
+    def forget(self, stream: H2Stream) -> None:
+        self._streams.pop(stream.id, None)
+        self.last_used = trio.current_time()
+
+    # -- writing --------------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        async with self._send_lock:
+            data = self.h2.data_to_send()
+            if data:
+                try:
+                    await self.io.send_all(data)
+                except IO_ERRORS as e:
+                    self._lost(f"write failed: {type(e).__name__}")
+                    raise StreamError("connection to peer agent lost") from None
+
+    def wake_flush(self) -> None:
+        """Flush soon from the connection's own task (for callers that cannot await)."""
+        self._flush_needed.set()
+
+    async def _flusher(self) -> None:
+        while self.alive:
+            await self._flush_needed.wait()
+            self._flush_needed = trio.Event()
+            try:
+                await self.flush()
+            except StreamError:
+                return
+
+    async def acknowledge(self, stream_id: int, n: int) -> None:
+        try:
+            self.h2.acknowledge_received_data(n, stream_id)
+        except h2.exceptions.H2Error:
+            return  # the stream is gone; the connection window was credited by h2 already
+        await self.flush()
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                data = await self.io.receive_some(READ_SIZE)
+            except IO_ERRORS as e:
+                _log.debug("h2_read_failed", conn=self.name, error=type(e).__name__)
+                return
+            if not data:
+                return
+            try:
+                events = self.h2.receive_data(data)
+            except h2.exceptions.ProtocolError as e:
+                _log.info("h2_protocol_error", conn=self.name, error=str(e))
+                try:
+                    self.h2.close_connection(error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                    await self.flush()
+                except (h2.exceptions.H2Error, NodemeshError):
+                    pass
+                return
+            for ev in events:
+                self._dispatch(ev)
+            try:
+                await self.flush()
+            except StreamError:
+                return
+
+    def _dispatch(self, ev: h2.events.Event) -> None:
+        if isinstance(ev, h2.events.DataReceived):
+            s = self._streams.get(ev.stream_id)
+            if s is None:
+                # Data for a stream we dropped: credit the windows so the connection lives on.
+                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                return
+            s._deliver(("data", ev.data, ev.flow_controlled_length))
+        elif isinstance(ev, h2.events.RequestReceived):
+            stream = H2Stream(self, ev.stream_id)
+            self._streams[ev.stream_id] = stream
+            stream._deliver(("headers", list(ev.headers)))
+            if self._on_stream is None or self.handlers is None or self.goaway:
+                stream.reset(h2.errors.ErrorCodes.REFUSED_STREAM)
+            else:
+                self.handlers.start_soon(self._run_handler, stream)
+        elif isinstance(ev, h2.events.ResponseReceived):
+            self._to(ev.stream_id, ("headers", list(ev.headers)))
+        elif isinstance(ev, h2.events.InformationalResponseReceived):
+            self._to(ev.stream_id, ("info", list(ev.headers)))
+        elif isinstance(ev, h2.events.TrailersReceived):
+            self._to(ev.stream_id, ("trailers", list(ev.headers)))
+        elif isinstance(ev, h2.events.StreamEnded):
+            self._to(ev.stream_id, ("end",))
+        elif isinstance(ev, h2.events.StreamReset):
+            s = self._streams.pop(ev.stream_id, None)
+            if s is not None:
+                unprocessed = ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+                s._fail(
+                    StreamError(
+                        f"peer reset the stream ({_code_name(ev.error_code)})",
+                        code=int(ev.error_code),
+                        unprocessed=unprocessed,
+                    )
+                )
+        elif isinstance(ev, h2.events.WindowUpdated):
+            if ev.stream_id == 0:
+                for s in self._streams.values():
+                    s._wake()
+            elif (one := self._streams.get(ev.stream_id)) is not None:
+                one._wake()
+        elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            for s in self._streams.values():
+                s._wake()
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            self.goaway = True
+            last = ev.last_stream_id if ev.last_stream_id is not None else 2**31
+            for sid, s in list(self._streams.items()):
+                if self.client and sid > last:
+                    self._streams.pop(sid, None)
+                    s._fail(StreamError("peer is going away", unprocessed=True))
+
+    def _to(self, stream_id: int, ev: tuple[Any, ...]) -> None:
+        s = self._streams.get(stream_id)
+        if s is not None:
+            s._deliver(ev)
+
+    async def _run_handler(self, stream: H2Stream) -> None:
+        assert self._on_stream is not None
+        try:
+            await self._on_stream(stream)
+        except (NodemeshError, *IO_ERRORS) as e:
+            _log.debug("h2_stream_handler_ended", conn=self.name, stream=stream.id, error=str(e))
+            stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+        except Exception:
+            _log.exception("h2_stream_handler_failed", conn=self.name, stream=stream.id)
+            stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+
+    def _lost(self, reason: str) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        for s in list(self._streams.values()):
+            s._fail(StreamError(f"connection to peer agent lost: {reason}"))
+        self._streams.clear()
+        self._flush_needed.set()
+
+
+def _code_name(code: int) -> str:
+    try:
+        return h2.errors.ErrorCodes(code).name
+    except ValueError:
+        return str(code)

@@ -1,0 +1,154 @@
+"""H2Conn over in-memory streams: a client and a server connection wired together."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import h2.errors
+import pytest
+import trio
+import trio.testing
+
+from nodemesh.transport.h2conn import INITIAL_WINDOW, H2Conn, H2Stream, StreamError
+
+Handler = Callable[[H2Stream], Awaitable[None]]
+REQ = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/")]
+
+
+async def _pair(nursery: trio.Nursery, handler: Handler) -> H2Conn:
+    a, b = trio.testing.memory_stream_pair()
+    client = H2Conn(a, client=True, name="client")
+    server = H2Conn(b, client=False, name="server", on_stream=handler)
+    await nursery.start(server.serve)
+    await nursery.start(client.serve)
+    return client
+
+
+async def _body(stream: H2Stream) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    data, trailers = b"", []
+    while True:
+        ev = await stream.next_event()
+        if ev[0] == "data":
+            data += ev[1]
+        elif ev[0] == "trailers":
+            trailers = ev[1]
+        elif ev[0] == "end":
+            return data, trailers
+
+
+@pytest.fixture
+async def nursery() -> AsyncIterator[trio.Nursery]:
+    async with trio.open_nursery() as n:
+        yield n
+        n.cancel_scope.cancel()
+
+
+async def echo(stream: H2Stream) -> None:
+    ev = await stream.next_event()
+    assert ev[0] == "headers"
+    await stream.send_headers([(b":status", b"200")])
+    while True:
+        ev = await stream.next_event()
+        if ev[0] == "data":
+            await stream.send_data(ev[1])
+        elif ev[0] == "trailers":
+            await stream.end(trailers=ev[1])
+            return
+        elif ev[0] == "end":
+            await stream.end()
+            return
+
+
+async def test_request_response_with_body_and_trailers(nursery: trio.Nursery) -> None:
+    client = await _pair(nursery, echo)
+    s = client.open_stream()
+    await s.send_headers(REQ)
+    await s.send_data(b"hello ")
+    await s.send_data(b"world")
+    await s.end(trailers=[(b"grpc-status", b"0")])
+    ev = await s.next_event()
+    assert ev == ("headers", [(b":status", b"200")])
+    body, trailers = await _body(s)
+    assert body == b"hello world"
+    assert trailers == [(b"grpc-status", b"0")]
+    assert client.active_streams == 0
+
+
+async def test_many_concurrent_streams_share_one_connection(nursery: trio.Nursery) -> None:
+    client = await _pair(nursery, echo)
+    results: dict[int, bytes] = {}
+
+    async def one(i: int) -> None:
+        s = client.open_stream()
+        await s.send_headers(REQ)
+        await s.send_data(str(i).encode() * 1000, end=True)
+        await s.next_event()
+        results[i] = (await _body(s))[0]
+
+    async with trio.open_nursery() as n:
+        for i in range(50):
+            n.start_soon(one, i)
+    assert all(results[i] == str(i).encode() * 1000 for i in range(50))
+
+
+async def test_large_body_larger_than_every_window(nursery: trio.Nursery) -> None:
+    client = await _pair(nursery, echo)
+    payload = bytes(range(256)) * (4 * INITIAL_WINDOW // 256)
+    s = client.open_stream()
+    await s.send_headers(REQ)
+    got = b""
+
+    async def send() -> None:
+        await s.send_data(payload, end=True)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(send)
+        await s.next_event()
+        got = (await _body(s))[0]
+    assert got == payload
+
+
+async def test_a_reader_that_stops_blocks_the_sender(nursery: trio.Nursery) -> None:
+    stalled = trio.Event()
+
+    async def never_reads(stream: H2Stream) -> None:
+        await stream.next_event()  # the headers
+        await stalled.wait()
+
+    client = await _pair(nursery, never_reads)
+    s = client.open_stream()
+    await s.send_headers(REQ)
+    sent = 0
+    with trio.move_on_after(1):
+        while True:
+            await s.send_data(b"x" * 16384)
+            sent += 16384
+    # The sender stopped at about one window: nothing buffers without bound.
+    assert INITIAL_WINDOW - 16384 <= sent <= INITIAL_WINDOW + 16384
+    stalled.set()
+
+
+async def test_reset_reaches_the_other_side_as_an_error(nursery: trio.Nursery) -> None:
+    async def refuse(stream: H2Stream) -> None:
+        await stream.next_event()
+        stream.reset(h2.errors.ErrorCodes.REFUSED_STREAM)
+
+    client = await _pair(nursery, refuse)
+    s = client.open_stream()
+    await s.send_headers(REQ, end=True)
+    with pytest.raises(StreamError) as e:
+        await s.next_event()
+    assert e.value.unprocessed
+
+
+async def test_peer_garbage_ends_the_connection_not_the_process(nursery: trio.Nursery) -> None:
+    a, b = trio.testing.memory_stream_pair()
+    server = H2Conn(b, client=False, name="server", on_stream=echo)
+    await nursery.start(server.serve)
+    await a.send_all(b"this is not the HTTP/2 preface at all\r\n\r\n")
+    with trio.fail_after(5):
+        while server.alive:
+            await trio.sleep(0.01)
+    # The server said GOAWAY (PROTOCOL_ERROR) before giving up.
+    data = await a.receive_some(65536)
+    assert data and b"\x07" in data[:200]
