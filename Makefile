@@ -21,3 +21,9 @@ demo:
 # Everything CI runs: ruff, mypy and every pytest tier (needs root).
 test-all:
 	scripts/test
+
+# The data-path benchmark (needs root): direct, nodemesh, Consul Connect and haproxy side by
+# side in one lab; a table on stdout, every number in bench/results/ (docs/benchmarks.md).
+.PHONY: bench
+bench:
+	$(PY)/python bench/mesh_http.py $(BENCH_ARGS)

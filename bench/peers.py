@@ -1,0 +1,248 @@
+"""The programs the benchmark compares nodemesh with, and the upstream they all reach.
+
+- nginx on h2: the fast upstream, a fixed small body, one worker.  Two response headers tell
+  which path a request took: ``x-bench-peer`` (the address nginx saw the connection come from)
+  and ``x-bench-client-id`` (the ``x-nodemesh-client-id`` the inbound agent adds).
+- Consul's built-in Connect proxy (Go, L4 mTLS): a sidecar for ``bench`` on h2 and an upstream
+  listener on h1.
+- haproxy on h1: one L7 hop, no TLS, a reference point for what a proxy in C costs.
+
+Config texts are pure functions; starting and stopping is the lab's ``netns.spawn`` by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from measure import BenchError
+
+import nodemesh.lab.consul as lab_consul
+from nodemesh.lab.mesh import NODEMESH_USER, Lab
+from nodemesh.lab.netns import Process, spawn
+
+SERVICE = "bench"
+PORT = 8080  # nginx on h2
+SIDECAR_PORT = 21000  # Consul's sidecar range starts here
+CONNECT_UPSTREAM_PORT = 9191  # the Connect proxy's listener on h1's loopback
+HAPROXY_PORT = 8088  # haproxy's listener on h1's loopback
+# 100 bytes: small enough that the proxies, not the payload, are what is measured.
+BODY = (
+    "nodemesh benchmark: a fixed body of one hundred bytes from nginx, "
+    + "the same for every path .........\n"
+)
+PACKAGES = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk"}  # binary -> Debian package
+SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+
+
+def ensure_packages(say: Callable[[str], None]) -> None:
+    """apt-get install what is missing of nginx, haproxy and wrk.
+
+    Debian starts a freshly installed daemon at once (nginx would listen on the machine's own
+    port 80); a policy-rc.d that answers 101 forbids that for the length of the install, and is
+    removed again if it was not there before.
+    """
+    missing = [pkg for b, pkg in PACKAGES.items() if shutil.which(b, path=SBIN_PATH) is None]
+    if not missing:
+        return
+    say(f"installing {' '.join(missing)} with apt-get")
+    added = not POLICY_RC_D.exists()
+    if added:
+        POLICY_RC_D.write_text("#!/bin/sh\n# the nodemesh benchmark: no service starts\nexit 101\n")
+        POLICY_RC_D.chmod(0o755)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
+            p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+            if p.returncode != 0:
+                raise BenchError(
+                    f"`{' '.join(argv)}` failed ({p.returncode}): {p.stderr.strip()[-400:]}; "
+                    "install the packages by hand and run again"
+                )
+    finally:
+        if added:
+            POLICY_RC_D.unlink(missing_ok=True)
+
+
+def binary(name: str) -> str:
+    path = shutil.which(name, path=SBIN_PATH)
+    if path is None:
+        raise BenchError(f"{name} is not installed; apt-get install {PACKAGES.get(name, name)}")
+    return path
+
+
+def version(argv: list[str]) -> str:
+    """The first line a program prints about its version (some print it on stderr)."""
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown ({e})"
+    text = (p.stdout + p.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
+
+
+# --- Consul with Connect -----------------------------------------------------------------------
+
+
+def enable_connect_in_lab_consul() -> None:
+    """Make every lab Consul agent start with ``connect { enabled = true }``.
+
+    LabSpec has no way to add Consul agent settings, so the benchmark wraps the lab's pure
+    config function before the lab starts (this process only).  Everything else about the
+    agents stays exactly as the lab writes it.
+    """
+    original = lab_consul.agent_config
+    if getattr(original, "_bench_connect", False):
+        return
+
+    def with_connect(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        cfg = original(*args, **kwargs)
+        cfg["connect"] = {"enabled": True}
+        return cfg
+
+    with_connect._bench_connect = True  # type: ignore[attr-defined]
+    lab_consul.agent_config = with_connect
+
+
+def service_definition(ip: str, *, sidecar: bool) -> dict[str, Any]:
+    """``bench`` on h2 as Consul's agent API takes it; with ``sidecar``, a Connect sidecar
+    whose built-in proxy delivers to nginx on h2's address (its default is 127.0.0.1)."""
+    svc: dict[str, Any] = {
+        "ID": f"{SERVICE}-h2-{PORT}",
+        "Name": SERVICE,
+        "Address": ip,
+        "Port": PORT,
+        "Check": {"Name": "nginx", "HTTP": f"http://{ip}:{PORT}/", "Interval": "1s"},
+    }
+    if sidecar:
+        svc["Connect"] = {
+            "SidecarService": {
+                "Port": SIDECAR_PORT,
+                "Proxy": {"LocalServiceAddress": ip, "LocalServicePort": PORT},
+            }
+        }
+    return svc
+
+
+def register(lab: Lab, host: str, *, sidecar: bool) -> str:
+    svc = service_definition(lab.host_ip(host), sidecar=sidecar)
+    lab.consul_api(host, "/v1/agent/service/register", method="PUT", body=svc)
+    return str(svc["ID"])
+
+
+def passing(lab: Lab, host: str, service: str) -> bool:
+    return bool(lab.consul_api(host, f"/v1/health/service/{service}?passing"))
+
+
+def start_connect_proxies(lab: Lab, consul: Path, service_id: str) -> list[Process]:
+    """The sidecar on h2 and the upstream listener on h1, both as the agent's uid so nodemesh's
+    interception leaves their connections alone (Consul's own redirect excludes its proxy the
+    same way)."""
+    http = ["-http-addr", "127.0.0.1:8500", "-log-level", "warn"]
+    sidecar = spawn(
+        lab.host("h2"),
+        [str(consul), "connect", "proxy", "-sidecar-for", service_id, *http],
+        lab.log_path("h2", "connect-proxy"),
+        user=NODEMESH_USER,
+        name="connect-proxy",
+    )
+    upstream = spawn(
+        lab.host("h1"),
+        [
+            str(consul),
+            "connect",
+            "proxy",
+            "-service",
+            f"{SERVICE}-client",
+            "-upstream",
+            f"{SERVICE}:{CONNECT_UPSTREAM_PORT}",
+            *http,
+        ],
+        lab.log_path("h1", "connect-proxy"),
+        user=NODEMESH_USER,
+        name="connect-proxy",
+    )
+    return [sidecar, upstream]
+
+
+# --- nginx and haproxy -------------------------------------------------------------------------
+
+
+def nginx_conf(ip: str, port: int, workdir: Path) -> str:
+    """One worker, no access log, keep-alive for the whole run, the fixed body (pure)."""
+    tmp = workdir / "nginx-tmp"
+    temps = "\n".join(
+        f"  {kind}_temp_path {tmp / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""\
+worker_processes 1;
+daemon off;
+user nobody nogroup;
+pid {workdir / "nginx.pid"};
+error_log {workdir / "nginx-error.log"} warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+{temps}
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  server {{
+    listen {ip}:{port};
+    location / {{
+      default_type text/plain;
+      add_header x-bench-peer $remote_addr always;
+      add_header x-bench-client-id $http_x_nodemesh_client_id always;
+      return 200 {json.dumps(BODY)};
+    }}
+  }}
+}}
+"""
+
+
+def start_nginx(lab: Lab, host: str) -> Process:
+    work = lab.dir / host
+    (work / "nginx-tmp").mkdir(exist_ok=True)
+    conf = work / "nginx.conf"
+    conf.write_text(nginx_conf(lab.host_ip(host), PORT, work))
+    argv = [binary("nginx"), "-e", str(work / "nginx-error.log"), "-p", str(work), "-c", str(conf)]
+    return spawn(lab.host(host), argv, lab.log_path(host, "nginx"), name="nginx")
+
+
+def haproxy_conf(listen: str, upstream: str) -> str:
+    """One thread, HTTP mode, upstream connections reused across client connections (pure)."""
+    return f"""\
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend bench
+  bind {listen}
+  default_backend nginx
+backend nginx
+  server nginx {upstream}
+"""
+
+
+def start_haproxy(lab: Lab, host: str, upstream: str) -> Process:
+    conf = lab.dir / host / "haproxy.cfg"
+    conf.write_text(haproxy_conf(f"127.0.0.1:{HAPROXY_PORT}", upstream))
+    # As the agent's uid: haproxy's own connections to nginx must not be intercepted.
+    return spawn(
+        lab.host(host),
+        [binary("haproxy"), "-db", "-f", str(conf)],
+        lab.log_path(host, "haproxy"),
+        user=NODEMESH_USER,
+        name="haproxy",
+    )
