@@ -20,7 +20,7 @@ import trio.testing
 
 from nodemesh.errors import NoEndpoints, ProxyError, UpstreamConnectError, UpstreamTimeout
 from nodemesh.protocol.http1 import DST_HEADER, ERROR_HEADER
-from nodemesh.proxy.http1 import MAX_HEADER_BYTES, IdleSet, serve_http1
+from nodemesh.proxy.http1 import MAX_HEADER_BYTES, IdleSet, forward, serve_http1
 from nodemesh.proxy.pool import Pool, Upstream
 from nodemesh.transport.edges import close_quietly
 
@@ -213,6 +213,9 @@ class Route:
         ours, theirs = trio.testing.memory_stream_pair()
         self.nursery.start_soon(self.app.serve, theirs)
         return Upstream(key, Resetting(ours) if self.resetting else ours)
+
+    async def forward(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> bool:
+        return await forward(ds, stream, req, self)
 
     async def open(
         self, req: h11.Request, *, fresh: bool

@@ -106,7 +106,7 @@ async def serve_agent(
     cfg: AgentConfig, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     store = IdentityStore(
-        cfg.trust_domain, cfg.datacenter, cfg.node, cfg.state_dir, alpn=("http/1.1",)
+        cfg.trust_domain, cfg.datacenter, cfg.node, cfg.state_dir, alpn=("h2", "http/1.1")
     )
     agent = AgentState(cfg, store, Recorder())
     consul = ConsulClient(cfg.consul_addr, cfg.consul_token)
@@ -122,6 +122,7 @@ async def serve_agent(
     handlers = {"outbound": outbound.handle, "inbound": inbound.handle}
     idle = IdleSet()
     outbound.idle = inbound.idle = idle
+    idle.on_drain.append(inbound.drain)
     stop = trio.Event()
     plan = iptables.InterceptionPlan(
         proxy_uid=cfg.proxy_uid if cfg.proxy_uid is not None else os.geteuid(),
@@ -150,7 +151,7 @@ async def serve_agent(
         agent.on_snapshot.append(lambda _snap: store.poke())
         _log.info("identity_starting", node=str(agent.node_identity))
         await root.start(serve_identities, store, controller, lambda: set(agent.snapshot.local))
-        root.start_soon(outbound.pool.serve_reaper)
+        await root.start(outbound.mux.serve)
         root.start_soon(inbound.pool.serve_reaper)
         try:
             with trio.CancelScope() as drain_scope:

@@ -25,10 +25,12 @@ from nodemesh.errors import BadRequest, Forbidden, ProxyError
 from nodemesh.identity.spiffe import SpiffeId
 from nodemesh.identity.tls import peer_identity
 from nodemesh.protocol.http1 import CLIENT_ID_HEADER, DST_HEADER, header
-from nodemesh.proxy.http1 import IdleSet, respond_error, serve_http1
+from nodemesh.proxy.h2bridge import answer_error, serve_stream, splice_stream, split_pseudo
+from nodemesh.proxy.http1 import IdleSet, forward, respond_error, serve_http1
 from nodemesh.proxy.pool import Pool, Upstream
 from nodemesh.proxy.splice import SpliceStats, splice
 from nodemesh.transport.edges import IO_ERRORS, close_quietly, downstream_errors, open_tcp
+from nodemesh.transport.h2conn import H2Conn, H2Stream
 
 _log = log.get("nodemesh.inbound")
 TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds; a peer that never finishes must not hold a slot
@@ -43,6 +45,7 @@ class Inbound:
             idle_timeout=agent.cfg.outbound_idle_timeout,
         )
         self.idle = IdleSet()  # the daemon shares one across servers for drains
+        self.h2conns: set[H2Conn] = set()
         self.listen_addr = agent.cfg.inbound_addr
 
     def __repr__(self) -> str:
@@ -81,12 +84,27 @@ class Inbound:
             await close_quietly(tls)
             return
         route = InboundRoute(self, served.name, client)
+        if tls.selected_alpn_protocol() == "h2":
+            conn = H2Conn(tls, client=False, name=peer, on_stream=route.serve_h2_stream)
+            self.h2conns.add(conn)
+            try:
+                await conn.serve()
+            finally:
+                self.h2conns.discard(conn)
+                await close_quietly(tls)
+            return
         try:
             await serve_http1(
                 tls, route, idle_timeout=self.agent.cfg.inbound_idle_timeout, idle=self.idle
             )
         finally:
             await close_quietly(tls)
+
+    def drain(self) -> None:
+        """Close each HTTP/2 connection from a peer once its in-flight streams are done."""
+        for conn in list(self.h2conns):
+            if conn.handlers is not None:
+                conn.handlers.start_soon(conn.close_when_idle)
 
     def _served(self, ctx: ssl.SSLContext) -> SpiffeId | None:
         """The identity whose certificate the SNI callback put on this connection."""
@@ -126,9 +144,16 @@ class InboundRoute:
         self._client = client
         self.authority = service.encode()
 
+    async def forward(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> bool:
+        return await forward(ds, stream, req, self)
+
     def target(self, req: h11.Request) -> tuple[str, int]:
-        snap = self._in.agent.snapshot
         raw = req.target if req.method == b"CONNECT" else header(req.headers, DST_HEADER)
+        return self.target_of(raw)
+
+    def target_of(self, raw: bytes | None) -> tuple[str, int]:
+        """The local instance ``raw`` (ip:port) names, checked against the snapshot."""
+        snap = self._in.agent.snapshot
         if raw is None:
             local = sorted(snap.local.get(self.service, ()))
             if len(local) != 1:
@@ -154,6 +179,49 @@ class InboundRoute:
 
     def record(self, req: h11.Request, status: int, elapsed: float) -> None:
         self._in.agent.recorder.request("inbound", self.service, self._client.name, status, elapsed)
+
+    # -- HTTP/2 streams from peer agents (``proxy.h2bridge.AppRoute``) --------------------------
+
+    async def serve_h2_stream(self, stream: H2Stream) -> None:
+        ev = await stream.next_event()
+        head = ev[1]
+        pseudo, _ = split_pseudo(head)
+        if pseudo.get(b":method") == b"CONNECT":
+            await self.tunnel_h2(stream, pseudo.get(b":authority"))
+        else:
+            await serve_stream(stream, self, head)
+
+    async def open_app(
+        self, pseudo: dict[bytes, bytes], regular: list[tuple[bytes, bytes]]
+    ) -> tuple[Upstream, list[tuple[bytes, bytes]]]:
+        up = await self._in.pool.acquire(self.target_of(header(regular, DST_HEADER)))
+        return up, [(CLIENT_ID_HEADER, self._client.uri.encode())]
+
+    def record_status(self, status: int, elapsed: float) -> None:
+        self._in.agent.recorder.request("inbound", self.service, self._client.name, status, elapsed)
+
+    async def tunnel_h2(self, stream: H2Stream, authority: bytes | None) -> None:
+        """A CONNECT stream: answer 200 once the app is connected, then carry bytes."""
+        tcp = self._in.agent.recorder.tcp("inbound", self.service)
+        tcp.opened += 1
+        stats = SpliceStats()
+        try:
+            try:
+                ip, port = self.target_of(authority)
+                app = await open_tcp(ip, port, self._in.agent.cfg.inbound_connect_timeout)
+            except ProxyError as e:
+                await answer_error(stream, e)
+                return
+            try:
+                await stream.send_headers([(b":status", b"200")])
+                await splice_stream(app, stream, stats)
+            finally:
+                await close_quietly(app)
+        finally:
+            tcp.closed += 1
+            # splice_stream counts app -> mesh as "in"; for inbound the mesh is the client side.
+            tcp.bytes_in += stats.bytes_out
+            tcp.bytes_out += stats.bytes_in
 
     async def tunnel(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> None:
         """``CONNECT ip:port``: answer 200 once the app is connected, then splice bytes."""

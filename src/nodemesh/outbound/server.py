@@ -9,14 +9,17 @@ Per connection:
    ``Meta.protocol``) is tunnelled as bytes; otherwise the first bytes are peeked, within the
    detection timeout, and HTTP/1 goes through the L7 route, anything else through the tunnel.
 
-L7: each request is balanced (P2C peak-EWMA) over the service's healthy endpoints and sent over
-a pooled mTLS connection to the endpoint's agent, naming the instance in ``x-nodemesh-dst``.
-Opaque: a fresh mTLS connection carries ``CONNECT ip:port`` and then the raw bytes.
+L7: each request is balanced (P2C peak-EWMA) over the service's healthy endpoints and sent as one
+HTTP/2 stream on a multiplexed mTLS connection to the endpoint's agent (``outbound/mux.py``),
+naming the instance in ``x-nodemesh-dst``.  Opaque: a ``CONNECT ip:port`` stream on the same
+kind of connection carries the raw bytes, END_STREAM being a half-close.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Hashable
+from typing import cast
 
 import h11
 import trio
@@ -27,12 +30,14 @@ from nodemesh.discovery.snapshot import Endpoint
 from nodemesh.errors import ProxyError, UpstreamConnectError, UpstreamProtocolError
 from nodemesh.identity import spiffe
 from nodemesh.identity.tls import peer_identity
+from nodemesh.outbound.mux import MeshPool
 from nodemesh.protocol.detect import MAX_PEEK, Protocol, detect
 from nodemesh.protocol.http1 import DST_HEADER
-from nodemesh.proxy.http1 import IdleSet, next_event, serve_http1
-from nodemesh.proxy.pool import Pool, Upstream
+from nodemesh.proxy.h2bridge import forward_over_h2, splice_stream, split_pseudo
+from nodemesh.proxy.http1 import IdleSet, serve_http1
 from nodemesh.proxy.splice import SpliceStats, splice
-from nodemesh.transport.edges import close_quietly, open_tcp, open_tls, upstream_errors
+from nodemesh.transport.edges import close_quietly, open_tcp, open_tls
+from nodemesh.transport.h2conn import H2Stream, Headers
 from nodemesh.transport.original_dst import original_dst
 
 _log = log.get("nodemesh.outbound")
@@ -44,23 +49,22 @@ class Outbound:
     def __init__(self, agent: AgentState) -> None:
         self.agent = agent
         cfg = agent.cfg
-        self.pool = Pool(
-            self._connect,
-            max_idle_per_key=cfg.max_idle_per_peer,
-            idle_timeout=cfg.outbound_idle_timeout,
-        )
+        self.mux = MeshPool(self._connect, idle_timeout=cfg.outbound_idle_timeout)
         self.idle = IdleSet()  # the daemon shares one across servers for drains
         self.listen_addr = cfg.outbound_addr
 
     def __repr__(self) -> str:
-        return f"<Outbound {self.listen_addr} {self.pool!r}>"
+        return f"<Outbound {self.listen_addr} {self.mux!r}>"
 
     # -- mesh connections ---------------------------------------------------------------------
 
-    async def _connect(self, key: tuple[tuple[str, int], str]) -> Upstream:
-        (host, port), service = key
-        stream = await self.open_mesh(host, port, service)
-        return Upstream(key, stream, service)
+    async def _connect(self, key: Hashable) -> trio.abc.Stream:
+        (host, port), service = cast(tuple[tuple[str, int], str], key)
+        tls = await self.open_mesh(host, port, service)
+        if tls.selected_alpn_protocol() != "h2":
+            await close_quietly(tls)
+            raise UpstreamConnectError(f"agent at {host}:{port} does not speak HTTP/2; upgrade it")
+        return tls
 
     async def open_mesh(
         self, host: str, port: int, service: str
@@ -156,16 +160,13 @@ class Outbound:
         start = time.perf_counter()
         failed = True
         try:
-            up, leftover = await self._open_tunnel(ep)
+            tunnel = await self._open_tunnel(ep)
             failed = False
             balancer.done(ep, time.perf_counter() - start)
-            try:
-                if leftover:  # the app's server spoke first and its greeting raced the 200
-                    await stream.send_all(leftover)
-                    stats.bytes_out += len(leftover)
-                await splice(stream, up, prefix=prefix, stats=stats)
-            finally:
-                await close_quietly(up)
+            if prefix:  # bytes read while detecting the protocol
+                await tunnel.send_data(prefix)
+                stats.bytes_in += len(prefix)
+            await splice_stream(stream, tunnel, stats)
         except ProxyError as e:
             _log.info(
                 "tunnel_failed", service=service, endpoint=f"{ep.address}:{ep.port}", error=e.detail
@@ -177,34 +178,28 @@ class Outbound:
             tcp.bytes_in += stats.bytes_in
             tcp.bytes_out += stats.bytes_out
 
-    async def _open_tunnel(self, ep: Endpoint) -> tuple[trio.abc.Stream, bytes]:
-        """CONNECT to ``ep`` through its agent; returns the stream and bytes read past the 200."""
-        tls = await self.open_mesh(ep.peer[0], ep.peer[1], ep.service)
+    async def _open_tunnel(self, ep: Endpoint) -> H2Stream:
+        """A CONNECT stream to ``ep`` through its agent, once the agent reached the app."""
+        stream = await self.mux.open_stream((ep.peer, ep.service))
+        target = f"{ep.address}:{ep.port}".encode()
         try:
-            conn = h11.Connection(h11.CLIENT)
-            target = f"{ep.address}:{ep.port}".encode()
-            out = conn.send(
-                h11.Request(method=b"CONNECT", target=target, headers=[(b"host", target)])
-            )
-            out += conn.send(h11.EndOfMessage())
-            with upstream_errors():
-                await tls.send_all(out)
+            await stream.send_headers([(b":method", b"CONNECT"), (b":authority", target)])
             with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
-                ev = await next_event(conn, tls, upstream_errors)
-            if not isinstance(ev, h11.Response) or not 200 <= ev.status_code < 300:
-                status = getattr(ev, "status_code", None)
-                raise UpstreamProtocolError(f"agent refused the tunnel (status {status})")
-            return tls, conn.trailing_data[0]
+                ev = await stream.next_event()
+            status = split_pseudo(ev[1])[0].get(b":status") if ev[0] == "headers" else None
+            if status is None or not status.startswith(b"2"):
+                raise UpstreamProtocolError(f"agent refused the tunnel (status {status!r})")
+            return stream
         except trio.TooSlowError:
-            await close_quietly(tls)
+            stream.reset()
             raise UpstreamProtocolError("agent did not answer the tunnel request") from None
-        except (ProxyError, h11.ProtocolError):
-            await close_quietly(tls)
+        except ProxyError:
+            stream.reset()
             raise
 
 
 class OutboundRoute:
-    """Requests on one app connection to one meshed service (``proxy.http1.Route``)."""
+    """Requests on one app connection to one meshed service (``proxy.h2bridge.StreamRoute``)."""
 
     __slots__ = ("_ep", "_out", "authority", "service")
 
@@ -214,34 +209,33 @@ class OutboundRoute:
         self.authority = f"{ip}:{port}".encode()
         self._ep: Endpoint | None = None
 
-    async def open(
-        self, req: h11.Request, *, fresh: bool
-    ) -> tuple[Upstream, list[tuple[bytes, bytes]]]:
-        # A connection that could not be opened carried no request byte, so trying another
+    async def forward(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> bool:
+        return await forward_over_h2(ds, stream, req, self)
+
+    async def open_stream(self, req: h11.Request, head: Headers, *, end: bool) -> H2Stream:
+        # A stream that could not be opened carried no request byte, so trying another
         # endpoint is always safe (any method).  The failed one is penalised in the balancer.
         balancer = self._out.agent.balancer(self.service)
         for attempt in range(CONNECT_ATTEMPTS):
             ep = balancer.pick()
             start = time.perf_counter()
             try:
-                up = await self._out.pool.acquire((ep.peer, self.service), fresh=fresh)
+                stream = await self._out.mux.open_stream((ep.peer, self.service))
+                dst = (DST_HEADER, f"{ep.address}:{ep.port}".encode())
+                await stream.send_headers([*head, dst], end=end)
             except ProxyError:
                 balancer.done(ep, time.perf_counter() - start, failed=True)
                 if attempt + 1 == CONNECT_ATTEMPTS or len(balancer.endpoints) < 2:
                     raise
                 continue
             self._ep = ep
-            return up, [(DST_HEADER, f"{ep.address}:{ep.port}".encode())]
+            return stream
         raise AssertionError("unreachable")
 
-    async def release(self, up: Upstream, *, failed: bool, rtt: float) -> None:
+    def done(self, *, failed: bool, rtt: float) -> None:
         if self._ep is not None:
             self._out.agent.balancer(self.service).done(self._ep, rtt, failed=failed)
             self._ep = None
-        if failed:
-            await close_quietly(up.stream)
-        else:
-            await self._out.pool.release(up)
 
     def record(self, req: h11.Request, status: int, elapsed: float) -> None:
         agent = self._out.agent

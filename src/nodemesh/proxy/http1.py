@@ -48,6 +48,13 @@ MAX_HEADER_BYTES = 64 * 1024  # request/response head limit; h11 answers 431 bey
 READ_SIZE = 64 * 1024
 
 
+class ServerRoute(Protocol):
+    """What ``serve_http1`` needs: a way to forward each request (and maybe tunnels)."""
+
+    async def forward(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> bool:
+        """Proxy one request; True if the downstream connection may serve another."""
+
+
 class Route(Protocol):
     """Where a downstream connection's requests go (outbound: a service; inbound: a local app)."""
 
@@ -86,16 +93,19 @@ class IdleSet:
     def __init__(self) -> None:
         self.scopes: set[trio.CancelScope] = set()
         self.draining = False
+        self.on_drain: list[Callable[[], None]] = []  # e.g. close idle HTTP/2 connections
 
     def drain(self) -> None:
         self.draining = True
         for scope in self.scopes:
             scope.cancel()
+        for hook in self.on_drain:
+            hook()
 
 
 async def serve_http1(
     stream: trio.abc.Stream,
-    route: Route,
+    route: ServerRoute,
     *,
     prefix: bytes = b"",
     idle_timeout: float,
@@ -126,7 +136,7 @@ async def serve_http1(
             if ev.method == b"CONNECT":
                 await _connect(ds, stream, ev, route)
                 return
-            if not await forward(ds, stream, ev, route):
+            if not await route.forward(ds, stream, ev):
                 return
             ds.start_next_cycle()
     except DownstreamClosed:
@@ -134,7 +144,7 @@ async def serve_http1(
 
 
 async def _connect(
-    ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request, route: Route
+    ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request, route: ServerRoute
 ) -> None:
     """A CONNECT request: hand the connection to the route's tunnel, if it has one."""
     try:

@@ -4,8 +4,10 @@ Theory of operation
 -------------------
 One task per connection reads bytes, feeds them to the h2 state machine and routes each event
 to its stream's queue.  Any task may write: every change to the state machine is followed by
-``_flush()``, which sends whatever h2 has queued under one lock (trio forbids concurrent
-``send_all`` on a stream, and frames must not interleave).
+``flush()``, which sends whatever h2 has queued under one lock (trio forbids concurrent
+``send_all`` on a stream, and frames must not interleave).  The reader itself never waits on a
+write (it wakes the flusher task instead): two peers whose readers both blocked on full send
+buffers would never read again.
 
 Flow control is the back-pressure.  A stream's inbound data is acknowledged to the peer only
 when its consumer asks for the *next* event, i.e. after it has forwarded the previous chunk.
@@ -114,7 +116,7 @@ class H2Stream:
             self._end_local()
         await self._conn.flush()
 
-    async def send_data(self, data: bytes | memoryview, *, end: bool = False) -> None:
+    async def send_data(self, data: bytes | bytearray | memoryview, *, end: bool = False) -> None:
         conn = self._conn
         view = memoryview(data)
         while True:
@@ -212,6 +214,7 @@ class H2Conn:
         self._streams: dict[int, H2Stream] = {}
         self._send_lock = trio.Lock()
         self._flush_needed = trio.Event()
+        self._emptied = trio.Event()
         self.alive = True
         self.goaway = False
         self.last_used = trio.current_time()
@@ -269,6 +272,13 @@ class H2Conn:
         with contextlib.suppress(*IO_ERRORS):
             await trio.aclose_forcefully(self.io)
 
+    async def close_when_idle(self) -> None:
+        """For drains: close once no stream is active (bounded by the caller's deadline)."""
+        while self.alive and self._streams:
+            self._emptied = trio.Event()
+            await self._emptied.wait()
+        await self.close()
+
     def open_stream(self) -> H2Stream:
         sid = self.h2.get_next_available_stream_id()
         stream = H2Stream(self, sid)
@@ -279,6 +289,8 @@ class H2Conn:
     def forget(self, stream: H2Stream) -> None:
         self._streams.pop(stream.id, None)
         self.last_used = trio.current_time()
+        if not self._streams:
+            self._emptied.set()
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -306,11 +318,9 @@ class H2Conn:
                 return
 
     async def acknowledge(self, stream_id: int, n: int) -> None:
-        try:
+        with contextlib.suppress(h2.exceptions.H2Error):  # the stream is gone: nothing to credit
             self.h2.acknowledge_received_data(n, stream_id)
-        except h2.exceptions.H2Error:
-            return  # the stream is gone; the connection window was credited by h2 already
-        await self.flush()
+        self.wake_flush()
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -335,10 +345,9 @@ class H2Conn:
                 return
             for ev in events:
                 self._dispatch(ev)
-            try:
-                await self.flush()
-            except StreamError:
-                return
+            # Never wait on a write here: if both peers' readers blocked on full send buffers,
+            # neither would read again.  The flusher task writes; flow control bounds reads.
+            self.wake_flush()
 
     def _dispatch(self, ev: h2.events.Event) -> None:
         if isinstance(ev, h2.events.DataReceived):
@@ -415,6 +424,7 @@ class H2Conn:
         for s in list(self._streams.values()):
             s._fail(StreamError(f"connection to peer agent lost: {reason}"))
         self._streams.clear()
+        self._emptied.set()
         self._flush_needed.set()
 
 
