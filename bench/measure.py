@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -104,6 +105,19 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime) / CLK_TCK
 
 
+def machine_busy_seconds() -> float:
+    """CPU time every core of the machine spent busy so far (not idle, not waiting for I/O)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of this process's reaped children: wrk, once ``run_wrk`` has returned."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -140,7 +154,11 @@ class Watch:
 
     groups: Mapping[str, Sequence[int]]
     usage: list[ProcUsage] = field(default_factory=list)
+    wall_s: float = 0.0
+    machine_busy_s: float = 0.0  # every process on the machine, ours included
+    children_cpu_s: float = 0.0  # the driver's reaped children: wrk
     _cpu0: dict[str, float] = field(default_factory=dict)
+    _start: tuple[float, float, float] = (0.0, 0.0, 0.0)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -150,6 +168,7 @@ class Watch:
     def __enter__(self) -> Watch:
         self.usage = [ProcUsage(label, list(pids)) for label, pids in self.groups.items()]
         self._cpu0 = {u.label: self._cpu(u.pids) for u in self.usage}
+        self._start = (time.monotonic(), machine_busy_seconds(), children_cpu_seconds())
         self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
         self._thread.start()
         return self
@@ -170,6 +189,25 @@ class Watch:
             self._thread.join(timeout=5.0)
         for u in self.usage:
             u.cpu_s = self._cpu(u.pids) - self._cpu0[u.label]
+        wall0, busy0, children0 = self._start
+        self.wall_s = time.monotonic() - wall0
+        self.machine_busy_s = machine_busy_seconds() - busy0
+        self.children_cpu_s = children_cpu_seconds() - children0
+
+    def cpu_summary(self) -> dict[str, float]:
+        """Cores busy on the whole machine, by wrk, by the watched processes, and the rest:
+        the lab's idle Consul and controller plus anything else running on the machine, which
+        is what tells a clean run from a disturbed one."""
+        watched = sum(u.cpu_s for u in self.usage)
+        wall = self.wall_s or 1.0
+        rest = self.machine_busy_s - watched - self.children_cpu_s
+        return {
+            "wall_s": round(self.wall_s, 2),
+            "machine_cores_busy": round(self.machine_busy_s / wall, 2),
+            "wrk_cores": round(self.children_cpu_s / wall, 2),
+            "watched_cores": round(watched / wall, 2),
+            "other_cores": round(rest / wall, 2),
+        }
 
 
 def usage_dicts(usage: Sequence[ProcUsage]) -> list[dict[str, Any]]:

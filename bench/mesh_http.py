@@ -128,9 +128,11 @@ def measure(
         res = parse_wrk(run_wrk(lab, "h1", wrk(args.duration), args.duration, route.user))
     load_after = loadavg()
     lat = res.latency_ms
+    cpu = watch.cpu_summary()
     say(
         f"{route.name}: {res.rps:,.0f} req/s, p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, "
-        f"{res.error_count} errors"
+        f"{res.error_count} errors; cores busy: machine {cpu['machine_cores_busy']}, "
+        f"wrk {cpu['wrk_cores']}, watched {cpu['watched_cores']}, other {cpu['other_cores']}"
     )
     return {
         "name": route.name,
@@ -147,6 +149,7 @@ def measure(
         "error_count": res.error_count,
         "warmup": {"rps": round(warm.rps, 1), "error_count": warm.error_count},
         "processes": usage_dicts(watch.usage),
+        "cpu": watch.cpu_summary(),
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "wrk_text": res.text,
@@ -330,8 +333,9 @@ def versions(consul: Path) -> dict[str, str]:
 
 
 def table(results: Sequence[dict[str, Any]]) -> str:
-    head = f"{'path':<15} {'req/s':>9} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'errors':>6}  "
-    lines = [head + "process: CPU s, max RSS MiB"]
+    """One line per path; "other" is the cores busy outside wrk and the measured processes."""
+    head = f"{'path':<15} {'req/s':>9} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'errors':>6} "
+    lines = [head + f"{'other':>6}  process: CPU s, max RSS MiB"]
     for r in results:
         lat = r["latency_ms"]
         procs = "; ".join(
@@ -339,7 +343,7 @@ def table(results: Sequence[dict[str, Any]]) -> str:
         )
         lines.append(
             f"{r['name']:<15} {r['rps']:>9,.0f} {lat['p50']:>7.2f} {lat['p90']:>7.2f} "
-            f"{lat['p99']:>7.2f} {r['error_count']:>6}  {procs}"
+            f"{lat['p99']:>7.2f} {r['error_count']:>6} {r['cpu']['other_cores']:>6.2f}  {procs}"
         )
     return "\n".join(lines)
 

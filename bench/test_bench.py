@@ -78,10 +78,12 @@ def test_pyspy_summary_charges_leaves_and_counts_recursion_once() -> None:
 
 def test_cpu_seconds_grow_with_work() -> None:
     before = measure.cpu_seconds(os.getpid())
+    machine_before = measure.machine_busy_seconds()
     deadline = time.process_time() + 0.3
     while time.process_time() < deadline:
         pass
     assert measure.cpu_seconds(os.getpid()) - before >= 0.2
+    assert measure.machine_busy_seconds() - machine_before >= 0.2
     assert measure.rss_bytes(os.getpid()) > 1 << 20
 
 
