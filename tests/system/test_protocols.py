@@ -43,8 +43,8 @@ pytestmark = pytest.mark.system
 
 MESH_PORT = 4143  # the agents' inbound mTLS listener
 CONSUL_GOSSIP = "not portrange 8300-8302"
-# 1 GiB through two Python agents took ~N s here (see test_bulk_transfer...); the test stays
-# within about a minute at this size.
+# 1 GiB through two agents took 6-13 s here (80-170 MiB/s, 2 cores shared by every process of
+# the lab), so the full size fits the minute this test may take.
 BULK_BYTES = 1 << 30
 
 
@@ -187,14 +187,18 @@ def test_http1_and_h2c_prior_knowledge_arrive_as_sent(
     marker = _marker()
     w = wire(h2c)
     url = f"http://{h2c.addr}/hello?from=h1"
-    version, seen = _curl_json(lab, url, f"h1 {marker}", "--http1.1")
-    assert version == "1.1" and seen["protocol"] == "http/1.1"
-    assert seen["method"] == "POST" and seen["path"] == "/hello?from=h1"
-    assert seen["body"] == f"h1 {marker}"
-    version, seen = _curl_json(lab, url, f"h2 {marker}", "--http2-prior-knowledge")
-    assert version == "2" and seen["protocol"] == "h2"
-    assert seen["method"] == "POST" and seen["path"] == "/hello?from=h1"
-    assert seen["body"] == f"h2 {marker}"
+    # Several of each: later requests reuse connections between the agents (and, for HTTP/1.1,
+    # to the app), where framing bugs show that a first request on fresh ones hides.
+    for flag, version, protocol in (
+        ("--http1.1", "1.1", "http/1.1"),
+        ("--http2-prior-knowledge", "2", "h2"),
+    ):
+        for i in range(5):
+            body = f"{protocol} {i} {marker}"
+            got, seen = _curl_json(lab, url, body, flag)
+            assert (got, seen["protocol"]) == (version, protocol), (flag, i, seen)
+            assert (seen["method"], seen["path"]) == ("POST", "/hello?from=h1"), (flag, i, seen)
+            assert seen["body"] == body, (flag, i, seen)
     w.assert_tls_only(marker)
 
 
@@ -322,12 +326,6 @@ def _redis_clients(lab: Lab, peer: Peer) -> int:
     return int(found.group(1)) - 1  # not counting the asking redis-cli itself
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotYet,
-    reason="not yet: a client's close reaches its agent as EOF, which an opaque stream over one "
-    "TLS connection cannot forward, so the server keeps every closed client's connection",
-)
 def test_closed_clients_are_closed_at_the_server(lab: Lab, redis_peer: Peer) -> None:
     before = _redis_clients(lab, redis_peer)
     cli = ["redis-cli", "-h", redis_peer.ip, "-p", str(redis_peer.port)]
@@ -338,8 +336,6 @@ def test_closed_clients_are_closed_at_the_server(lab: Lab, redis_peer: Peer) -> 
     while held > before and time.monotonic() < deadline:
         time.sleep(0.2)
         held = _redis_clients(lab, redis_peer)
-    if held >= before + 20:
-        raise NotYet(f"redis-server still holds all 20 closed clients' connections ({held})")
     assert held <= before, f"{held - before} of 20 closed clients still connected after 5 s"
 
 
@@ -381,19 +377,12 @@ def halfclose(lab: Lab) -> Iterator[Peer]:
     yield from _serve(lab, "h2", "halfclose", 7200, "halfclose", protocol="tcp")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotYet,
-    reason="not yet: an opaque stream crosses the agents as one TLS connection, which cannot "
-    "half-close, so the client's FIN never reaches the server (proxy/splice.py)",
-)
 def test_half_close_then_reply(lab: Lab, halfclose: Peer, wire: Callable[..., Wire]) -> None:
     marker = _marker()
     w = wire(halfclose)
     out = _client(
         lab, "halfclose-client", "--target", halfclose.addr, "--marker", marker, "--timeout", "5"
     )
-    if "reply" not in out:
-        raise NotYet(f"the client's FIN did not reach the server in 5 s: {out.get('error')}")
+    assert "reply" in out, f"the client's FIN did not reach the server in 5 s: {out}"
     assert out["reply"] == f"after eof {marker} {out['sent']} {out['sha256']}"
     w.assert_tls_only(marker)
