@@ -386,3 +386,26 @@ def test_half_close_then_reply(lab: Lab, halfclose: Peer, wire: Callable[..., Wi
     assert "reply" in out, f"the client's FIN did not reach the server in 5 s: {out}"
     assert out["reply"] == f"after eof {marker} {out['sent']} {out['sha256']}"
     w.assert_tls_only(marker)
+
+
+# --- server speaks first ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def greeter(lab: Lab) -> Iterator[Peer]:
+    # 5432 (PostgreSQL's port) is on the agents' default opaque list: never peeked.
+    yield from _serve(lab, "h3", "greeter", 5432, "greet")
+
+
+def test_server_that_speaks_first_is_heard_at_once(
+    lab: Lab, greeter: Peer, wire: Callable[..., Wire]
+) -> None:
+    marker = _marker()
+    w = wire(greeter)
+    out = _client(lab, "greet-client", "--target", greeter.addr, "--marker", marker)
+    assert "error" not in out, out
+    assert out["greeting"].startswith("greeting from "), out
+    # Far below the 10 s detection timeout: the agent did not wait for the client to speak.
+    assert out["seconds"] < 2.0, out
+    assert out["echo"] == f"echo {marker}"
+    w.assert_tls_only(marker)

@@ -19,9 +19,10 @@ Peer side (``python -m nodemesh.lab.peers KIND ...`` inside a lab host):
              ws-echo    websockets: echoes every message, no compression
              sink       reads ``MARKER N\\n`` then exactly N bytes, answers their sha256
              halfclose  reads to EOF, *then* answers what it got and closes
-    clients  grpc-client, ws-client, bulk-client, halfclose-client: print one JSON line with
-             what they saw, including ``error`` when something failed, and always exit 0 so
-             the test, not the client, decides what a result means.
+             greet      speaks first (as PostgreSQL, MySQL or SMTP do), then echoes lines
+    clients  grpc-client, ws-client, bulk-client, halfclose-client, greet-client: each prints
+             one JSON line with what it saw, including ``error`` when something failed, and
+             exits 0, so the test, not the client, decides what a result means.
 
 Every server handles each connection in its own thread, with a socket timeout, so a stuck peer
 never holds the process; every client call has a timeout.
@@ -600,6 +601,12 @@ def _halfclose(sock: socket.socket) -> None:
     sock.sendall(b"after eof %s %d %s\n" % (line, got, digest.hexdigest().encode()))
 
 
+def _greet(sock: socket.socket) -> None:
+    sock.sendall(b"greeting from %s\n" % socket.gethostname().encode())
+    while line := _read_line(sock):
+        sock.sendall(b"echo " + line + b"\n")
+
+
 # --- peer side: clients (each prints one JSON line) ----------------------------------------
 
 
@@ -722,12 +729,28 @@ def halfclose_client(target: str, marker: str, timeout: float) -> dict[str, Any]
     return out
 
 
+def greet_client(target: str, marker: str) -> dict[str, Any]:
+    """Connect and send nothing: a server that speaks first must be heard at once."""
+    ip, _, port = target.rpartition(":")
+    out: dict[str, Any] = {}
+    start = time.monotonic()
+    try:
+        with socket.create_connection((ip, int(port)), timeout=CLIENT_TIMEOUT) as sock:
+            out["greeting"] = _read_line(sock).decode(errors="replace")
+            out["seconds"] = time.monotonic() - start
+            sock.sendall(marker.encode() + b"\n")
+            out["echo"] = _read_line(sock).decode(errors="replace")
+    except Exception as e:
+        out["error"] = repr(e)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m nodemesh.lab.peers")
     sub = p.add_subparsers(dest="kind", required=True)
-    for kind in ("h2c", "grpc", "ws-echo", "sink", "halfclose"):
+    for kind in ("h2c", "grpc", "ws-echo", "sink", "halfclose", "greet"):
         sub.add_parser(kind).add_argument("--listen", required=True, metavar="IP:PORT")
-    for kind in ("grpc-client", "ws-client", "bulk-client", "halfclose-client"):
+    for kind in ("grpc-client", "ws-client", "bulk-client", "halfclose-client", "greet-client"):
         c = sub.add_parser(kind)
         c.add_argument("--target", required=True, help="IP:PORT, or the URL for ws-client")
         c.add_argument("--marker", required=True)
@@ -741,6 +764,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "ws-echo": serve_ws_echo,
         "sink": lambda addr: _serve_threads(_listen(addr), _sink),
         "halfclose": lambda addr: _serve_threads(_listen(addr), _halfclose),
+        "greet": lambda addr: _serve_threads(_listen(addr), _greet),
     }
     if a.kind in servers:
         signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
@@ -751,6 +775,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "ws-client": lambda: ws_client(a.target, a.marker, a.count),
         "bulk-client": lambda: bulk_client(a.target, a.marker, a.bytes),
         "halfclose-client": lambda: halfclose_client(a.target, a.marker, a.timeout),
+        "greet-client": lambda: greet_client(a.target, a.marker),
     }
     print(json.dumps(clients[a.kind]()), flush=True)
 
