@@ -148,7 +148,11 @@ def measure(
         "errors": res.errors,
         "error_count": res.error_count,
         "warmup": {"rps": round(warm.rps, 1), "error_count": warm.error_count},
-        "processes": usage_dicts(watch.usage),
+        # CPU per request holds up better than req/s when the machine is shared.
+        "processes": [
+            {**u, "cpu_us_per_request": round(1e6 * u["cpu_s"] / max(res.requests, 1), 1)}
+            for u in usage_dicts(watch.usage)
+        ],
         "cpu": watch.cpu_summary(),
         "loadavg_before": load_before,
         "loadavg_after": load_after,
@@ -335,11 +339,13 @@ def versions(consul: Path) -> dict[str, str]:
 def table(results: Sequence[dict[str, Any]]) -> str:
     """One line per path; "other" is the cores busy outside wrk and the measured processes."""
     head = f"{'path':<15} {'req/s':>9} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'errors':>6} "
-    lines = [head + f"{'other':>6}  process: CPU s, max RSS MiB"]
+    lines = [head + f"{'other':>6}  process: CPU s, CPU per request, max RSS"]
     for r in results:
         lat = r["latency_ms"]
         procs = "; ".join(
-            f"{p['label']} {p['cpu_s']:.1f}s {p['max_rss_mib']:.0f}MiB" for p in r["processes"]
+            f"{p['label']} {p['cpu_s']:.1f}s {p['cpu_us_per_request']:.0f}us/req "
+            f"{p['max_rss_mib']:.0f}MiB"
+            for p in r["processes"]
         )
         lines.append(
             f"{r['name']:<15} {r['rps']:>9,.0f} {lat['p50']:>7.2f} {lat['p90']:>7.2f} "
