@@ -96,14 +96,18 @@ class Wire:
             f"tcp and host {peer.ip} and {CONSUL_GOSSIP}",
             count=count,
         )
-        self.local = Capture(
-            lab,
-            peer.host,
-            tmp_path / f"{peer.host}-lo.pcap",
-            f"tcp port {peer.port}",
-            iface="lo",
-            count=count and count // 4,
-        )
+        try:
+            self.local = Capture(
+                lab,
+                peer.host,
+                tmp_path / f"{peer.host}-lo.pcap",
+                f"tcp port {peer.port}",
+                iface="lo",
+                count=count and count // 4,
+            )
+        except BaseException:
+            self.between.stop()
+            raise
 
     def close(self) -> None:
         self.between.stop()

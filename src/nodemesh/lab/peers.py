@@ -139,11 +139,22 @@ def running_peer(
         lab.consul_api(host, "/v1/agent/service/register", method="PUT", body=definition)
         _wait_passing(lab, peer)
         yield peer
+    except BaseException:
+        _stop_peer(lab, peer, quiet=True)  # the error in flight explains more than teardown
+        raise
+    _stop_peer(lab, peer, quiet=False)
+
+
+def _stop_peer(lab: Lab, peer: Peer, *, quiet: bool) -> None:
+    """Deregister, then stop by pid; the process is stopped even if Consul does not answer."""
+    try:
+        path = f"/v1/agent/service/deregister/{peer.service_id}"
+        lab.consul_api(peer.host, path, method="PUT")
+    except LabError:
+        if not quiet:
+            raise
     finally:
-        try:
-            lab.consul_api(host, f"/v1/agent/service/deregister/{peer.service_id}", method="PUT")
-        finally:
-            proc.stop()
+        peer.process.stop()
 
 
 def _wait_passing(lab: Lab, peer: Peer) -> None:
