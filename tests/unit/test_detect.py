@@ -8,7 +8,12 @@ from hypothesis import strategies as st
 
 from nodemesh.protocol.detect import MAX_PEEK, Protocol, detect
 
-HTTP1, OPAQUE, NEED_MORE = Protocol.HTTP1, Protocol.OPAQUE, Protocol.NEED_MORE
+HTTP1, HTTP2, OPAQUE, NEED_MORE = (
+    Protocol.HTTP1,
+    Protocol.HTTP2,
+    Protocol.OPAQUE,
+    Protocol.NEED_MORE,
+)
 
 METHODS = [
     b"GET",
@@ -67,8 +72,8 @@ TABLE = [
     (CLIENT_HELLO, OPAQUE),
     (b"\x16", OPAQUE),
     (b"\x16\x03\x01", OPAQUE),
-    (H2_PREFACE, OPAQUE),
-    (H2_PREFACE[:14], OPAQUE),  # "PRI * HTTP/2.0" decides: no HTTP/1 request looks like it
+    (H2_PREFACE, HTTP2),
+    (H2_PREFACE[:14], HTTP2),  # "PRI * HTTP/2.0" decides: no HTTP/1 request looks like it
     (b"PRI * HTTP/1.1\r\n", HTTP1),
     (b"PRI /", HTTP1),
     (b"*1\r\n$4\r\nPING\r\n", OPAQUE),  # Redis
@@ -88,8 +93,8 @@ def test_table(prefix: bytes, expected: Protocol) -> None:
 
 
 @pytest.mark.parametrize("n", range(1, len(H2_PREFACE)))
-def test_partial_h2_preface_needs_more_then_is_opaque(n: int) -> None:
-    assert detect(H2_PREFACE[:n]) is (NEED_MORE if n < 14 else OPAQUE)
+def test_partial_h2_preface_needs_more_then_is_http2(n: int) -> None:
+    assert detect(H2_PREFACE[:n]) is (NEED_MORE if n < 14 else HTTP2)
 
 
 def test_max_peek_leaves_room_for_a_decision() -> None:
@@ -99,7 +104,7 @@ def test_max_peek_leaves_room_for_a_decision() -> None:
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=80))
 def test_detect_never_raises(data: bytes) -> None:
-    assert detect(data) in (HTTP1, OPAQUE, NEED_MORE)
+    assert detect(data) in (HTTP1, HTTP2, OPAQUE, NEED_MORE)
 
 
 @settings(max_examples=500, deadline=None)

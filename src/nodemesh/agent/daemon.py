@@ -152,6 +152,7 @@ async def serve_agent(
         _log.info("identity_starting", node=str(agent.node_identity))
         await root.start(serve_identities, store, controller, lambda: set(agent.snapshot.local))
         await root.start(outbound.mux.serve)
+        await root.start(inbound.h2apps.serve)
         root.start_soon(inbound.pool.serve_reaper)
         try:
             with trio.CancelScope() as drain_scope:

@@ -15,6 +15,9 @@ if the app cannot be reached.
 from __future__ import annotations
 
 import ssl
+import time
+from collections.abc import Hashable
+from typing import cast
 
 import h11
 import trio
@@ -24,8 +27,17 @@ from nodemesh.agent.state import AgentState
 from nodemesh.errors import BadRequest, Forbidden, ProxyError
 from nodemesh.identity.spiffe import SpiffeId
 from nodemesh.identity.tls import peer_identity
+from nodemesh.outbound.mux import MeshPool
 from nodemesh.protocol.http1 import CLIENT_ID_HEADER, DST_HEADER, header
-from nodemesh.proxy.h2bridge import answer_error, serve_stream, splice_stream, split_pseudo
+from nodemesh.proxy.h2bridge import (
+    PROTO_HEADER,
+    answer_error,
+    mesh_free,
+    relay_streams,
+    serve_stream,
+    splice_stream,
+    split_pseudo,
+)
 from nodemesh.proxy.http1 import IdleSet, forward, respond_error, serve_http1
 from nodemesh.proxy.pool import Pool, Upstream
 from nodemesh.proxy.splice import SpliceStats, splice
@@ -46,6 +58,8 @@ class Inbound:
         )
         self.idle = IdleSet()  # the daemon shares one across servers for drains
         self.h2conns: set[H2Conn] = set()
+        # HTTP/2 (prior knowledge) connections to local apps, for callers that spoke HTTP/2.
+        self.h2apps = MeshPool(self._connect_h2_app, idle_timeout=agent.cfg.outbound_idle_timeout)
         self.listen_addr = agent.cfg.inbound_addr
 
     def __repr__(self) -> str:
@@ -54,6 +68,10 @@ class Inbound:
     async def _connect(self, key: tuple[str, int]) -> Upstream:
         stream = await open_tcp(key[0], key[1], self.agent.cfg.inbound_connect_timeout)
         return Upstream(key, stream)
+
+    async def _connect_h2_app(self, key: Hashable) -> trio.abc.Stream:
+        ip, port = cast(tuple[str, int], key)
+        return await open_tcp(ip, port, self.agent.cfg.inbound_connect_timeout)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         peer = _peer(stream)
@@ -185,11 +203,30 @@ class InboundRoute:
     async def serve_h2_stream(self, stream: H2Stream) -> None:
         ev = await stream.next_event()
         head = ev[1]
-        pseudo, _ = split_pseudo(head)
+        pseudo, regular = split_pseudo(head)
         if pseudo.get(b":method") == b"CONNECT":
             await self.tunnel_h2(stream, pseudo.get(b":authority"))
+        elif header(regular, PROTO_HEADER) == b"h2":
+            await self.relay_h2_to_app(stream, head, regular)
         else:
             await serve_stream(stream, self, head)
+
+    async def relay_h2_to_app(
+        self, stream: H2Stream, head: list[tuple[bytes, bytes]], regular: list[tuple[bytes, bytes]]
+    ) -> None:
+        """The caller's app spoke HTTP/2 (h2c, gRPC): speak HTTP/2 to this app too."""
+        start = time.perf_counter()
+        try:
+            target = self.target_of(header(regular, DST_HEADER))
+            app = await self._in.h2apps.open_stream(target)
+            out = [*mesh_free(head), (CLIENT_ID_HEADER, self._client.uri.encode())]
+            await app.send_headers(out, end=stream.head_ended)
+        except ProxyError as e:
+            self.record_status(e.status, time.perf_counter() - start)
+            await answer_error(stream, e)
+            return
+        status = await relay_streams(stream, app, request_open=not stream.head_ended)
+        self.record_status(status, time.perf_counter() - start)
 
     async def open_app(
         self, pseudo: dict[bytes, bytes], regular: list[tuple[bytes, bytes]]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable
+from functools import partial
 from typing import cast
 
 import h11
@@ -27,17 +28,25 @@ import trio
 from nodemesh import log
 from nodemesh.agent.state import AgentState
 from nodemesh.discovery.snapshot import Endpoint
-from nodemesh.errors import ProxyError, UpstreamConnectError, UpstreamProtocolError
+from nodemesh.errors import BadRequest, ProxyError, UpstreamConnectError, UpstreamProtocolError
 from nodemesh.identity import spiffe
 from nodemesh.identity.tls import peer_identity
 from nodemesh.outbound.mux import MeshPool
 from nodemesh.protocol.detect import MAX_PEEK, Protocol, detect
 from nodemesh.protocol.http1 import DST_HEADER
-from nodemesh.proxy.h2bridge import forward_over_h2, splice_stream, split_pseudo
+from nodemesh.proxy.h2bridge import (
+    PROTO_HEADER,
+    answer_error,
+    forward_over_h2,
+    mesh_free,
+    relay_streams,
+    splice_stream,
+    split_pseudo,
+)
 from nodemesh.proxy.http1 import IdleSet, serve_http1
 from nodemesh.proxy.splice import SpliceStats, splice
 from nodemesh.transport.edges import close_quietly, open_tcp, open_tls
-from nodemesh.transport.h2conn import H2Stream, Headers
+from nodemesh.transport.h2conn import H2Conn, H2Stream, Headers
 from nodemesh.transport.original_dst import original_dst
 
 _log = log.get("nodemesh.outbound")
@@ -50,6 +59,7 @@ class Outbound:
         self.agent = agent
         cfg = agent.cfg
         self.mux = MeshPool(self._connect, idle_timeout=cfg.outbound_idle_timeout)
+        self.h2apps: set[H2Conn] = set()  # apps' own HTTP/2 connections, for drains
         self.idle = IdleSet()  # the daemon shares one across servers for drains
         self.listen_addr = cfg.outbound_addr
 
@@ -99,7 +109,9 @@ class Outbound:
         proto = Protocol.OPAQUE
         if port not in agent.cfg.opaque_ports and not self._declared_opaque(service):
             proto, prefix = await self._detect(stream)
-        if proto is Protocol.HTTP1:
+        if proto is Protocol.HTTP2:
+            await self._serve_h2_app(stream, service, ip, port, prefix)
+        elif proto is Protocol.HTTP1:
             route = OutboundRoute(self, service, ip, port)
             await serve_http1(
                 stream,
@@ -110,6 +122,46 @@ class Outbound:
             )
         else:
             await self._tunnel(stream, service, prefix)
+
+    async def _serve_h2_app(
+        self, stream: trio.SocketStream, service: str, ip: str, port: int, prefix: bytes
+    ) -> None:
+        """An app speaking HTTP/2 (h2c, gRPC): each of its streams is balanced on its own."""
+        conn = H2Conn(
+            stream,
+            client=False,
+            name=f"app->{ip}:{port}",
+            on_stream=partial(self._app_h2_stream, service, ip, port),
+            prefix=prefix,
+        )
+        self.h2apps.add(conn)
+        try:
+            await conn.serve()
+        finally:
+            self.h2apps.discard(conn)
+
+    async def _app_h2_stream(self, service: str, ip: str, port: int, app: H2Stream) -> None:
+        start = time.perf_counter()
+        ev = await app.next_event()
+        head = ev[1]
+        route = OutboundRoute(self, service, ip, port)
+        if split_pseudo(head)[0].get(b":method") == b"CONNECT":
+            err = BadRequest("CONNECT over HTTP/2 is not supported to a meshed service")
+            err.status = 405
+            route.record(None, err.status, time.perf_counter() - start)
+            await answer_error(app, err)
+            return
+        out = [*mesh_free(head), (PROTO_HEADER, b"h2")]
+        try:
+            mesh = await route.open_stream(None, out, end=app.head_ended)
+        except ProxyError as e:
+            route.record(None, e.status, time.perf_counter() - start)
+            await answer_error(app, e)
+            return
+        sent = time.perf_counter()
+        status = await relay_streams(app, mesh, request_open=not app.head_ended)
+        route.done(failed=status == 0 or status >= 500, rtt=time.perf_counter() - sent)
+        route.record(None, status, time.perf_counter() - start)
 
     def _declared_opaque(self, service: str) -> bool:
         # Consul Meta.protocol = "tcp" declares a service opaque (no detection).
@@ -212,7 +264,7 @@ class OutboundRoute:
     async def forward(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> bool:
         return await forward_over_h2(ds, stream, req, self)
 
-    async def open_stream(self, req: h11.Request, head: Headers, *, end: bool) -> H2Stream:
+    async def open_stream(self, req: h11.Request | None, head: Headers, *, end: bool) -> H2Stream:
         # A stream that could not be opened carried no request byte, so trying another
         # endpoint is always safe (any method).  The failed one is penalised in the balancer.
         balancer = self._out.agent.balancer(self.service)
@@ -237,7 +289,7 @@ class OutboundRoute:
             self._out.agent.balancer(self.service).done(self._ep, rtt, failed=failed)
             self._ep = None
 
-    def record(self, req: h11.Request, status: int, elapsed: float) -> None:
+    def record(self, req: h11.Request | None, status: int, elapsed: float) -> None:
         agent = self._out.agent
         agent.recorder.request(
             "outbound", self.service, agent.source_identity().name, status, elapsed

@@ -1,10 +1,13 @@
 """Protocol detection from the first bytes a client sends: pure, no I/O.
 
-``detect(prefix)`` returns HTTP1, OPAQUE, or NEED_MORE.  The caller reads until it gets an answer,
-or until the detection timeout (a server-speaks-first protocol sends nothing: opaque), or until
-``MAX_PEEK`` bytes.  HTTP/1 is recognised by its request line: a method token of capital letters,
-one space, then a request target (``/``, ``*``, or an absolute URI / authority).  The HTTP/2
-preface and a TLS ClientHello are opaque here: they ride the mTLS tunnel byte for byte.
+``detect(prefix)`` returns HTTP1, HTTP2, OPAQUE, or NEED_MORE.  The caller reads until it gets
+an answer, or until the detection timeout (a server-speaks-first protocol sends nothing:
+opaque), or until ``MAX_PEEK`` bytes.
+
+HTTP/1 is recognised by its request line: a method token of capital letters, one space, then a
+request target (``/``, ``*``, or an absolute URI / authority).  HTTP/2 with prior knowledge
+(h2c, gRPC) is recognised by the start of its connection preface; h2 checks the rest.  A TLS
+ClientHello is opaque: the app's own TLS rides the mTLS tunnel byte for byte.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import re
 
 class Protocol(enum.Enum):
     HTTP1 = "http/1"
+    HTTP2 = "h2"
     OPAQUE = "opaque"
     NEED_MORE = "need-more"
 
@@ -29,7 +33,7 @@ def detect(prefix: bytes) -> Protocol:
     if not prefix:
         return Protocol.NEED_MORE
     if _H2_PREFACE.startswith(prefix[: len(_H2_PREFACE)]):
-        return Protocol.NEED_MORE if len(prefix) < len(_H2_PREFACE) else Protocol.OPAQUE
+        return Protocol.NEED_MORE if len(prefix) < len(_H2_PREFACE) else Protocol.HTTP2
     m = _METHOD.match(prefix)
     if m is None:
         # Still inside what could be a method token?  Wait for the space.

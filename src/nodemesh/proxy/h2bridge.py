@@ -36,7 +36,7 @@ from nodemesh.errors import (
     UpstreamClosed,
     UpstreamProtocolError,
 )
-from nodemesh.protocol.http1 import ERROR_HEADER, forward_headers, header
+from nodemesh.protocol.http1 import ERROR_HEADER, MESH_PREFIX, forward_headers, header
 from nodemesh.proxy.http1 import _has_body, next_event, respond_error
 from nodemesh.proxy.pool import Upstream
 from nodemesh.transport.edges import IO_ERRORS, downstream_errors, upstream_errors
@@ -345,8 +345,8 @@ async def serve_stream(stream: H2Stream, route: AppRoute, head: Headers) -> None
         route.record_status(e.status, time.perf_counter() - start)
         await answer_error(stream, e)
         return
-    # END_STREAM arrives with the HEADERS frame of a body-less request, in the same read.
-    has_body = not stream.ended_remote and header(regular, b"content-length") != b"0"
+    # A body-less request ends the stream with its HEADERS frame.
+    has_body = not stream.head_ended and header(regular, b"content-length") != b"0"
     hdrs = [(b"host", pseudo.get(b":authority", b"localhost"))]
     hdrs.extend(forward_headers(regular, extra))
     if has_body and header(hdrs, b"content-length") is None:
@@ -452,3 +452,80 @@ async def _relay_h11_response(up: Upstream, stream: H2Stream, st: _State) -> Non
             return
         else:
             raise UpstreamClosed("app closed the connection before the response ended")
+
+
+# --- HTTP/2 on both ends: stream to stream ----------------------------------------------------
+
+PROTO_HEADER = b"x-nodemesh-proto"  # "h2": the caller spoke HTTP/2, so speak it to the app
+
+
+def mesh_free(headers: Headers) -> Headers:
+    """``headers`` without the mesh's own (an app must never set them)."""
+    return [(n, v) for n, v in headers if not n.startswith(MESH_PREFIX)]
+
+
+async def relay_streams(down: H2Stream, up: H2Stream, *, request_open: bool) -> int:
+    """Relay a request stream ``down`` → ``up`` and its response back; the response status.
+
+    Trailers travel as trailers (gRPC's status lives there); a reset on either side resets the
+    other (cancellation in both directions).  Returns 0 if no response status was relayed.
+    """
+    status = 0
+
+    async with trio.open_nursery() as nursery:
+
+        async def request_body() -> None:
+            try:
+                while True:
+                    ev = await down.next_event()
+                    if ev[0] == "data":
+                        await up.send_data(ev[1])
+                    elif ev[0] == "trailers":
+                        await up.end(ev[1])
+                        return
+                    elif ev[0] == "end":
+                        await up.end()
+                        return
+            except StreamError:
+                # The caller cancelled (or the upstream failed): cancel the other side too.
+                up.reset()
+                down.reset()
+                nursery.cancel_scope.cancel()
+
+        if request_open:
+            nursery.start_soon(request_body)
+        trailers: Headers | None = None
+        try:
+            while True:
+                ev = await up.next_event()
+                kind = ev[0]
+                if kind == "data":
+                    await down.send_data(ev[1])
+                elif kind in ("headers", "info"):
+                    pseudo, regular = split_pseudo(ev[1])
+                    code = int(pseudo.get(b":status", b"502"))
+                    if kind == "headers":
+                        status = code
+                    hdrs = [(b":status", pseudo.get(b":status", b"502")), *mesh_free(regular)]
+                    if kind == "headers" and up.head_ended:
+                        await down.send_headers(hdrs, end=True)  # trailers-only response
+                        break
+                    await down.send_headers(hdrs)
+                elif kind == "trailers":
+                    trailers = ev[1]
+                else:  # end
+                    await down.end(trailers)
+                    break
+        except StreamError as e:
+            if status == 0 and down.failure is None:
+                await answer_error(down, e)
+            else:
+                down.reset(ERR_INTERNAL)
+            up.reset()
+        nursery.cancel_scope.cancel()
+    # A response that ended before its request did: stop both request halves.
+    if not up.ended_local:
+        up.reset()
+    if not down.ended_remote:
+        down.reset(h2.errors.ErrorCodes.NO_ERROR)
+    return status

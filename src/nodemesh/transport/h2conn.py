@@ -3,11 +3,11 @@
 Theory of operation
 -------------------
 One task per connection reads bytes, feeds them to the h2 state machine and routes each event
-to its stream's queue.  Any task may write: every change to the state machine is followed by
-``flush()``, which sends whatever h2 has queued under one lock (trio forbids concurrent
-``send_all`` on a stream, and frames must not interleave).  The reader itself never waits on a
-write (it wakes the flusher task instead): two peers whose readers both blocked on full send
-buffers would never read again.
+to its stream's queue.  One task writes: any task may change the state machine and then call
+``flush()``, which wakes the flusher; the flusher sends everything h2 has queued in one
+``send_all``, so many streams' frames share a write.  Writers wait only when more than
+``HIGH_WATER`` bytes are unsent.  The reader never waits on a write: two peers whose readers
+both blocked on full send buffers would never read again.
 
 Flow control is the back-pressure.  A stream's inbound data is acknowledged to the peer only
 when its consumer asks for the *next* event, i.e. after it has forwarded the previous chunk.
@@ -20,7 +20,9 @@ Streams queue events as tuples: ("headers", hdrs), ("info", hdrs), ("data", byte
 both sides have ended or it was reset.  A GOAWAY stops new streams on the connection; streams
 above the peer's last processed id are failed as *unprocessed*, which is always safe to retry.
 Peer misbehaviour (a protocol error) ends the connection with GOAWAY and never raises past
-``serve``.
+``serve``.  Writes are shielded from the cancellation of any one stream's task: they are shared,
+and a TLS stream whose write was interrupted is unusable.  A connection that is lost for any
+reason closes its transport, so the peer sees it end.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 import trio
 
 from nodemesh import log
@@ -47,6 +50,9 @@ MAX_CONCURRENT_STREAMS = 256
 MAX_HEADER_LIST = 64 * 1024  # bytes; larger heads are refused
 MAX_FRAME = 1 << 14  # bytes; the protocol default, which every peer accepts
 READ_SIZE = 64 * 1024
+WRITE_TIMEOUT = 30.0  # seconds a peer may leave our writes unread before the connection ends
+HIGH_WATER = 1 << 20  # bytes queued for the socket before writers wait
+FINAL_FLUSH = 1.0  # seconds to send a closing GOAWAY before the transport closes
 
 Headers = list[tuple[bytes, bytes]]
 StreamHandler = Callable[["H2Stream"], Awaitable[None]]
@@ -75,6 +81,7 @@ class H2Stream:
         "ended_local",
         "ended_remote",
         "failure",
+        "head_ended",
         "id",
     )
 
@@ -86,6 +93,9 @@ class H2Stream:
         self._unacked = 0
         self.ended_local = False
         self.ended_remote = False
+        # The peer's HEADERS frame itself ended the stream: a request or response without a
+        # body.  Unlike ``ended_remote``, this does not depend on how many frames one read brought.
+        self.head_ended = False
         self.failure: StreamError | None = None
 
     def __repr__(self) -> str:
@@ -194,8 +204,10 @@ class H2Conn:
         client: bool,
         name: str,
         on_stream: StreamHandler | None = None,
+        prefix: bytes = b"",
     ) -> None:
         self.io = io
+        self._prefix = prefix  # bytes already read from ``io`` (protocol detection)
         self.name = name
         self.client = client
         self.h2 = h2.connection.H2Connection(
@@ -212,8 +224,11 @@ class H2Conn:
         )
         self._on_stream = on_stream
         self._streams: dict[int, H2Stream] = {}
-        self._send_lock = trio.Lock()
         self._flush_needed = trio.Event()
+        self._drained = trio.Event()
+        self._unsent = 0  # bytes taken from h2 and being written
+        self._raw_out = b""  # frames written beside h2's state machine (a late GOAWAY)
+        self._io_closed = trio.Event()
         self._emptied = trio.Event()
         self.alive = True
         self.goaway = False
@@ -265,10 +280,17 @@ class H2Conn:
         if self.alive:
             try:
                 self.h2.close_connection(error_code=code)
-                await self.flush()
-            except (h2.exceptions.H2Error, NodemeshError, *IO_ERRORS):
-                pass
+            except h2.exceptions.H2Error:
+                # h2 closed its state machine on the peer's error without a GOAWAY (an invalid
+                # preface, say): write the frame ourselves so the peer learns why.
+                goaway = hyperframe.frame.GoAwayFrame(0)
+                goaway.error_code = int(code)
+                goaway.last_stream_id = self.h2.highest_inbound_stream_id
+                self._raw_out += goaway.serialize()
         self._lost("connection closed locally")
+        # The flusher (the only writer) sends what is queued, the GOAWAY too, then closes.
+        with trio.move_on_after(FINAL_FLUSH + 0.5):
+            await self._io_closed.wait()
         with contextlib.suppress(*IO_ERRORS):
             await trio.aclose_forcefully(self.io)
 
@@ -295,27 +317,64 @@ class H2Conn:
     # -- writing --------------------------------------------------------------------------------
 
     async def flush(self) -> None:
-        async with self._send_lock:
-            data = self.h2.data_to_send()
-            if data:
-                try:
-                    await self.io.send_all(data)
-                except IO_ERRORS as e:
-                    self._lost(f"write failed: {type(e).__name__}")
-                    raise StreamError("connection to peer agent lost") from None
+        """Have the flusher write what h2 has queued; wait only while too much is unsent.
+
+        Writes are coalesced: many streams' frames go out in one ``send_all`` per batch, and a
+        stream task never holds the socket.  ``HIGH_WATER`` bounds the bytes queued but not yet
+        written, whatever windows a peer advertises (back-pressure from a slow socket).
+        """
+        self._flush_needed.set()
+        while self.alive and self._unsent > HIGH_WATER:
+            self._drained = trio.Event()
+            await self._drained.wait()
+        if not self.alive:
+            raise StreamError("connection to peer agent lost")
 
     def wake_flush(self) -> None:
         """Flush soon from the connection's own task (for callers that cannot await)."""
         self._flush_needed.set()
 
-    async def _flusher(self) -> None:
-        while self.alive:
-            await self._flush_needed.wait()
-            self._flush_needed = trio.Event()
+    def _take(self) -> bytes:
+        data = self.h2.data_to_send()
+        if self._raw_out:
+            data, self._raw_out = data + self._raw_out, b""
+        return data
+
+    async def _write(self, data: bytes, timeout: float) -> bool:  # noqa: ASYNC109  (shielded)
+        # Shielded: a TLS stream whose send_all was cancelled is broken for good.
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + timeout
             try:
-                await self.flush()
-            except StreamError:
-                return
+                await self.io.send_all(data)
+            except IO_ERRORS as e:
+                self._lost(f"write failed: {type(e).__name__}")
+                return False
+        if scope.cancelled_caught:
+            self._lost("write timed out: the peer stopped reading")
+            return False
+        return True
+
+    async def _flusher(self) -> None:
+        try:
+            while self.alive:
+                await self._flush_needed.wait()
+                self._flush_needed = trio.Event()
+                data = self._take()
+                self._unsent = len(data)
+                if data:
+                    await self._write(data, WRITE_TIMEOUT)
+                self._unsent = 0
+                self._drained.set()
+        finally:
+            # Lost or closing: send what is still queued (a GOAWAY, say), briefly, then close
+            # the transport so the reader ends and the peer sees the connection end.
+            self._drained.set()
+            data = self._take()
+            if data:
+                await self._write(data, FINAL_FLUSH)
+            with trio.CancelScope(shield=True), contextlib.suppress(*IO_ERRORS):
+                await trio.aclose_forcefully(self.io)
+            self._io_closed.set()
 
     async def acknowledge(self, stream_id: int, n: int) -> None:
         with contextlib.suppress(h2.exceptions.H2Error):  # the stream is gone: nothing to credit
@@ -326,22 +385,22 @@ class H2Conn:
 
     async def _read_loop(self) -> None:
         while True:
-            try:
-                data = await self.io.receive_some(READ_SIZE)
-            except IO_ERRORS as e:
-                _log.debug("h2_read_failed", conn=self.name, error=type(e).__name__)
-                return
-            if not data:
-                return
+            data: bytes | bytearray
+            if self._prefix:
+                data, self._prefix = self._prefix, b""
+            else:
+                try:
+                    data = await self.io.receive_some(READ_SIZE)
+                except IO_ERRORS as e:
+                    _log.debug("h2_read_failed", conn=self.name, error=type(e).__name__)
+                    return
+                if not data:
+                    return
             try:
                 events = self.h2.receive_data(data)
             except h2.exceptions.ProtocolError as e:
                 _log.info("h2_protocol_error", conn=self.name, error=str(e))
-                try:
-                    self.h2.close_connection(error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR)
-                    await self.flush()
-                except (h2.exceptions.H2Error, NodemeshError):
-                    pass
+                await self.close(h2.errors.ErrorCodes.PROTOCOL_ERROR)  # GOAWAY, then close
                 return
             for ev in events:
                 self._dispatch(ev)
@@ -359,6 +418,7 @@ class H2Conn:
             s._deliver(("data", ev.data, ev.flow_controlled_length))
         elif isinstance(ev, h2.events.RequestReceived):
             stream = H2Stream(self, ev.stream_id)
+            stream.head_ended = ev.stream_ended is not None
             self._streams[ev.stream_id] = stream
             stream._deliver(("headers", list(ev.headers)))
             if self._on_stream is None or self.handlers is None or self.goaway:
@@ -366,7 +426,11 @@ class H2Conn:
             else:
                 self.handlers.start_soon(self._run_handler, stream)
         elif isinstance(ev, h2.events.ResponseReceived):
-            self._to(ev.stream_id, ("headers", list(ev.headers)))
+            s = self._streams.get(ev.stream_id)
+            if s is not None:
+                # A response whose HEADERS end the stream: gRPC's trailers-only error replies.
+                s.head_ended = ev.stream_ended is not None
+                s._deliver(("headers", list(ev.headers)))
         elif isinstance(ev, h2.events.InformationalResponseReceived):
             self._to(ev.stream_id, ("info", list(ev.headers)))
         elif isinstance(ev, h2.events.TrailersReceived):
