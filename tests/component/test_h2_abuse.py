@@ -14,7 +14,7 @@ outbound buffer, which the test measures.
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -29,6 +29,7 @@ import trio.testing
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, PingFrame, RstStreamFrame
 
 from nodemesh.errors import NodemeshError
+from nodemesh.outbound.mux import MeshPool
 from nodemesh.transport.h2conn import (
     INITIAL_WINDOW,
     MAX_CONCURRENT_STREAMS,
@@ -187,6 +188,7 @@ async def attacked(
                 await server.serve()
             finally:
                 done.set()
+                await trio.aclose_forcefully(ours)  # as the listeners do once serve returns
 
         nursery.start_soon(run)
         attack = Attack(server, theirs, new_client(), done, started)
@@ -404,29 +406,62 @@ async def test_a_stream_flood_never_runs_more_handlers_than_the_limit(
         assert len(refused) >= 100 or (at.goaways() and not at.server.alive)
 
 
+class Slow(trio.abc.Stream):
+    """A link with a few milliseconds of delay, as between two hosts: what this end receives
+    (the server's SETTINGS, first of all) arrives a little after it was sent."""
+
+    def __init__(self, inner: trio.abc.Stream, delay: float = 0.005) -> None:
+        self.inner = inner
+        self.delay = delay
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        await trio.sleep(self.delay)
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG: an H2Conn client opens streams against h2's default limit (unlimited) until the "
-    "server's SETTINGS arrive, so a burst of >256 requests on a new connection makes the server's "
-    "h2 end the whole connection (TooManyStreamsError -> GOAWAY), failing the streams it had "
-    "accepted too; and a stream writing after that GOAWAY raises h2's ProtocolError, not a "
-    "StreamError, out of send_data",
+    reason="BUG: H2Conn.available counts the streams h2 has open, not the ones handed out and not "
+    "yet started, and trusts h2's default limit (unlimited) until the peer's SETTINGS arrive: a "
+    "burst through MeshPool puts every request on one new connection, the server's h2 ends it "
+    "(TooManyStreamsError -> GOAWAY) with the streams it had accepted, and streams writing after "
+    "that GOAWAY raise h2's ProtocolError instead of a StreamError",
 )
-async def test_a_burst_on_a_new_connection_respects_the_servers_limit(
+async def test_a_burst_through_the_pool_respects_the_peers_stream_limit(
     autojump_clock: Clock,
 ) -> None:
+    burst = MAX_CONCURRENT_STREAMS + 44
+
+    async def busy_echo(stream: H2Stream) -> None:
+        await trio.sleep(0.1)  # requests take a while: the burst's streams are open together
+        await echo(stream)
+
     async with trio.open_nursery() as nursery:
-        a, b = trio.testing.memory_stream_pair()
-        server = H2Conn(b, client=False, name="server", on_stream=echo)
-        client = H2Conn(a, client=True, name="client")
-        await nursery.start(server.serve)
-        await nursery.start(client.serve)
+
+        async def connect(key: Hashable) -> trio.abc.Stream:
+            ours, theirs = trio.testing.memory_stream_pair()
+            server = H2Conn(theirs, client=False, name=f"server-{key}", on_stream=busy_echo)
+            await nursery.start(server.serve)
+            return Slow(ours)
+
+        pool = MeshPool(connect, idle_timeout=60.0)
+        await nursery.start(pool.serve)
         ok: list[int] = []
         failed: list[str] = []
 
         async def one(i: int) -> None:
             try:
-                s = client.open_stream()
+                s = await pool.open_stream("peer")
                 await s.send_headers(REQ)
                 await s.send_data(b"%d" % i, end=True)
                 await s.next_event()
@@ -437,10 +472,10 @@ async def test_a_burst_on_a_new_connection_respects_the_servers_limit(
                 failed.append(str(e))
 
         with trio.fail_after(WAIT):
-            async with trio.open_nursery() as burst:
-                for i in range(MAX_CONCURRENT_STREAMS + 44):
-                    burst.start_soon(one, i)
-        assert (len(ok), failed) == (MAX_CONCURRENT_STREAMS + 44, [])
+            async with trio.open_nursery() as requests:
+                for i in range(burst):
+                    requests.start_soon(one, i)
+        assert (len(ok), failed[:3]) == (burst, [])
         nursery.cancel_scope.cancel()
 
 
@@ -504,9 +539,10 @@ async def test_ack_flood_from_a_client_that_never_reads_is_bounded(
     async with attacked(lockstep=True) as at:
         await at.handshake()
         batch = FLOOD_FRAMES[kind] * 1000
-        for _ in range(50):
-            if not await at.send(batch):
-                break
+        with trio.move_on_after(WAIT):  # a server that stops reading would block us for good
+            for _ in range(50):
+                if not await at.send(batch):
+                    break
         await trio.sleep(1)
         queued = len(at.server.h2.data_to_send())
         assert queued <= ACK_BUDGET, f"{queued} bytes of ACKs queued for a peer that never reads"
