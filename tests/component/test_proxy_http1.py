@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import h11
 import pytest
@@ -1033,3 +1034,40 @@ async def test_connection_naming_content_length_does_not_blame_the_endpoint(
         await m.route.settled(1)
         assert [failed for _, failed in m.route.released] == [False]
         assert (r.status, r.body) == (200, b"hello")
+
+
+# --- upgrades hand the connection to the route's tunnel --------------------------------------
+
+
+class UpgradeRoute:
+    """A route whose tunnel records what it was handed: the request and the bytes after it."""
+
+    authority = AUTHORITY
+
+    def __init__(self) -> None:
+        self.handed: list[tuple[bytes, bytes, bytes]] = []
+
+    async def forward(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> bool:
+        raise AssertionError("an upgrade request must not be forwarded as a plain request")
+
+    async def upgrade(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> None:
+        self.handed.append((req.method, req.target, ds.trailing_data[0]))
+        await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+
+    tunnel = upgrade
+
+
+async def test_upgrade_request_goes_to_the_tunnel_with_the_bytes_after_it() -> None:
+    route = UpgradeRoute()
+    down, up = trio.testing.memory_stream_pair()
+    head = (
+        b"GET /chat HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(serve_http1, up, route, idle_timeout=5))
+        await down.send_all(head + b"\x81\x05early")
+        with trio.fail_after(5):
+            got = await down.receive_some(1000)
+    assert got.startswith(b"HTTP/1.1 101")
+    assert route.handed == [(b"GET", b"/chat", b"\x81\x05early")]

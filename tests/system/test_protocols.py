@@ -7,11 +7,7 @@ client and server, websockets, redis-server with redis-cli and redis-benchmark, 
 sockets for bulk transfer and half-close.  Each test also judges the wire (``Wire``): on h1's
 eth0 every byte between h1 and the server's host is TLS records on the agents' port and the
 test's marker never appears, while on the server host's loopback (agent to app) the same marker
-*does* appear in the clear, so its absence between hosts means something.
-
-What the agents cannot do yet stays here as a real test, marked ``xfail(strict=True,
-raises=NotYet)``: only the missing capability (raised as ``NotYet``) counts as the expected
-failure; any other failure, and an unexpected pass, fails the run.  See docs/protocols.md.
+*does* appear in the clear, so its absence between hosts means something.  See docs/protocols.md.
 """
 
 from __future__ import annotations
@@ -46,10 +42,6 @@ CONSUL_GOSSIP = "not portrange 8300-8302"
 # 1 GiB through two agents took 6-20 s here (50-170 MiB/s, 2 cores shared by every process of
 # the lab), so the full size fits the minute this test may take.
 BULK_BYTES = 1 << 30
-
-
-class NotYet(AssertionError):
-    """A capability the agents do not have yet: the only failure an xfail here expects."""
 
 
 @pytest.fixture(scope="module")
@@ -266,20 +258,12 @@ def ws_peer(lab: Lab) -> Iterator[Peer]:
     yield from _serve(lab, "h2", "ws", 8765, "ws-echo")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotYet,
-    reason="not yet: HTTP/1.1 Upgrade is not relayed; the outbound agent drops Connection and "
-    "Upgrade as hop-by-hop headers, so the server answers 426 Upgrade Required",
-)
 def test_websocket_echo_and_closing_handshake(
     lab: Lab, ws_peer: Peer, wire: Callable[..., Wire]
 ) -> None:
     marker = _marker()
     w = wire(ws_peer)
     out = _client(lab, "ws-client", "--target", f"ws://{ws_peer.addr}/", "--marker", marker)
-    if str(out.get("error", "")).startswith("InvalidStatus("):
-        raise NotYet(f"the server refused the upgrade it was sent: {out['error'][:120]}")
     assert "error" not in out, out
     assert out["echoes"] == [f"{i} {marker}" for i in range(5)]
     assert out["binary_ok"] is True

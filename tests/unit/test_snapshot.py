@@ -254,9 +254,10 @@ def test_protocols_from_meta() -> None:
         rpc=[entry("h1", "rpc", 9090, meta={"protocol": "grpc"})],
         plain=[entry("h1", "plain", 7000)],
         odd=[entry("h1", "odd", 7001, meta=["protocol", "http"])],
+        sctp=[entry("h1", "sctp", 7002, meta={"protocol": "sctp"})],  # unknown: detected
     )
     snap = build(raw, "h1")
-    assert snap.protocols == {"web": "http", "db": "tcp"}
+    assert snap.protocols == {"web": "http", "db": "tcp", "rpc": "grpc"}
     assert snap.rejected == ()
 
 

@@ -28,6 +28,8 @@ AGENT_SERVICE = "nodemesh"
 CONTROLLER_SERVICE = "nodemesh-controller"
 # Infrastructure services are never meshed: their traffic is excluded from interception anyway.
 UNMESHED_SERVICES = frozenset({"consul", AGENT_SERVICE, CONTROLLER_SERVICE})
+# Meta.protocol values that override detection; anything else is ignored (and detected).
+DECLARED_PROTOCOLS = frozenset({"tcp", "http", "http2", "grpc"})
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class Snapshot:
     endpoints: Mapping[str, tuple[Endpoint, ...]] = field(default_factory=dict)
     # node -> the inbound address of its agent (any health)
     agents: Mapping[str, tuple[str, int]] = field(default_factory=dict)
-    # service -> protocol declared in its registration's Meta.protocol ("http", "tcp")
+    # service -> protocol declared in its registration's Meta.protocol (DECLARED_PROTOCOLS)
     protocols: Mapping[str, str] = field(default_factory=dict)
     # services with an instance on this node, and those instances' addresses
     local: Mapping[str, frozenset[tuple[str, int]]] = field(default_factory=dict)
@@ -146,7 +148,7 @@ def build(raw_by_service: Mapping[str, Any], local_node: str) -> Snapshot:
             continue
         for inst in instances[service]:
             declared = inst.meta.get("protocol", "").lower()
-            if declared in ("http", "tcp"):
+            if declared in DECLARED_PROTOCOLS:
                 protocols.setdefault(service, declared)
             if inst.node == local_node:
                 local.setdefault(service, set()).add((inst.address, inst.port))

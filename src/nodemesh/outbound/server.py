@@ -5,9 +5,10 @@ Per connection:
 2. the catalog snapshot maps it to a meshed service, or to nothing: egress, spliced straight to
    the destination, untouched (the agent's own uid is excluded from interception, so this
    does not loop);
-3. a meshed service on an opaque port (server speaks first, or declared ``tcp`` in its Consul
-   ``Meta.protocol``) is tunnelled as bytes; otherwise the first bytes are peeked, within the
-   detection timeout, and HTTP/1 goes through the L7 route, anything else through the tunnel.
+3. the protocol: declared in the service's Consul ``Meta.protocol`` (``tcp``, ``http``,
+   ``http2``, ``grpc``), which overrides everything; else opaque on an opaque port (server
+   speaks first); else the first bytes are peeked, within the detection timeout: HTTP/1 and
+   HTTP/2 go through L7 routes, anything else through an opaque tunnel.
 
 L7: each request is balanced (P2C peak-EWMA) over the service's healthy endpoints and sent as one
 HTTP/2 stream on a multiplexed mTLS connection to the endpoint's agent (``outbound/mux.py``),
@@ -43,7 +44,7 @@ from nodemesh.proxy.h2bridge import (
     splice_stream,
     split_pseudo,
 )
-from nodemesh.proxy.http1 import IdleSet, serve_http1
+from nodemesh.proxy.http1 import IdleSet, respond_error, serve_http1
 from nodemesh.proxy.splice import SpliceStats, splice
 from nodemesh.transport.edges import close_quietly, open_tcp, open_tls
 from nodemesh.transport.h2conn import H2Conn, H2Stream, Headers
@@ -106,8 +107,12 @@ class Outbound:
             await self._egress(stream, ip, port)
             return
         prefix = b""
-        proto = Protocol.OPAQUE
-        if port not in agent.cfg.opaque_ports and not self._declared_opaque(service):
+        declared = agent.snapshot.protocols.get(service)
+        if declared in ("http2", "grpc"):
+            proto = Protocol.HTTP2  # declared: no peeking (h2 still checks the preface)
+        elif declared == "tcp" or (declared is None and port in agent.cfg.opaque_ports):
+            proto = Protocol.OPAQUE
+        else:  # undeclared, or "http" (which overrides the opaque-port list): peek
             proto, prefix = await self._detect(stream)
         if proto is Protocol.HTTP2:
             await self._serve_h2_app(stream, service, ip, port, prefix)
@@ -162,10 +167,6 @@ class Outbound:
         status = await relay_streams(app, mesh, request_open=not app.head_ended)
         route.done(failed=status == 0 or status >= 500, rtt=time.perf_counter() - sent)
         route.record(None, status, time.perf_counter() - start)
-
-    def _declared_opaque(self, service: str) -> bool:
-        # Consul Meta.protocol = "tcp" declares a service opaque (no detection).
-        return self.agent.snapshot.protocols.get(service) == "tcp"
 
     async def _detect(self, stream: trio.SocketStream) -> tuple[Protocol, bytes]:
         buf = b""
@@ -283,6 +284,50 @@ class OutboundRoute:
             self._ep = ep
             return stream
         raise AssertionError("unreachable")
+
+    async def tunnel(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> None:
+        """An upgrade (WebSocket) or the app's own CONNECT: from here on, bytes.
+
+        The request head goes to one balanced instance through a CONNECT stream exactly as the
+        app wrote it (hop-by-hop headers included: they are the point), then both directions
+        are spliced; the server's 101 and everything after reach the app untouched."""
+        out = self._out
+        tcp = out.agent.recorder.tcp("outbound", self.service)
+        tcp.opened += 1
+        stats = SpliceStats()
+        balancer = out.agent.balancer(self.service)
+        start = time.perf_counter()
+        try:
+            ep = balancer.pick()
+        except ProxyError as e:
+            tcp.closed += 1
+            await respond_error(ds, stream, e)
+            return
+        failed = True
+        try:
+            mesh = await out._open_tunnel(ep)
+            failed = False
+            balancer.done(ep, time.perf_counter() - start)
+            head = h11.Connection(h11.CLIENT).send(
+                h11.Request(
+                    method=req.method, target=req.target, headers=mesh_free(list(req.headers))
+                )
+            )
+            await mesh.send_data(head + ds.trailing_data[0])
+            stats.bytes_in += len(head) + len(ds.trailing_data[0])
+            await splice_stream(stream, mesh, stats)
+        except ProxyError as e:
+            _log.info("upgrade_failed", service=self.service, error=e.detail)
+            if failed:
+                await respond_error(ds, stream, e)
+        finally:
+            if failed:
+                balancer.done(ep, time.perf_counter() - start, failed=True)
+            tcp.closed += 1
+            tcp.bytes_in += stats.bytes_in
+            tcp.bytes_out += stats.bytes_out
+
+    upgrade = tunnel
 
     def done(self, *, failed: bool, rtt: float) -> None:
         if self._ep is not None:

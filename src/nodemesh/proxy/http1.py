@@ -133,7 +133,9 @@ async def serve_http1(
                     idle.scopes.discard(scope)
             if not isinstance(ev, h11.Request):
                 return  # idle timeout, ConnectionClosed
-            if ev.method == b"CONNECT":
+            if ev.method == b"CONNECT" or (
+                _wants_upgrade(ev) and getattr(route, "upgrade", None) is not None
+            ):
                 await _connect(ds, stream, ev, route)
                 return
             if not await route.forward(ds, stream, ev):
@@ -143,15 +145,29 @@ async def serve_http1(
         return
 
 
+def _wants_upgrade(req: h11.Request) -> bool:
+    """``Connection: upgrade`` + ``Upgrade`` (WebSocket and friends), without a body."""
+    conn = header(req.headers, b"connection")
+    return (
+        conn is not None
+        and b"upgrade" in (t.strip().lower() for t in conn.split(b","))
+        and header(req.headers, b"upgrade") is not None
+        and not _has_body(req)
+    )
+
+
 async def _connect(
     ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request, route: ServerRoute
 ) -> None:
-    """A CONNECT request: hand the connection to the route's tunnel, if it has one."""
+    """A CONNECT or upgrade request: hand the connection to the route's tunnel, if it has one.
+
+    After the request's end h11 pauses (it may switch protocols); what the client sent past the
+    head is in ``ds.trailing_data`` for the tunnel to carry on."""
     try:
         end = await next_event(ds, stream, downstream_errors)
     except h11.RemoteProtocolError:
         end = None
-    tunnel = getattr(route, "tunnel", None)
+    tunnel = getattr(route, "upgrade" if req.method != b"CONNECT" else "tunnel", None)
     if not isinstance(end, h11.EndOfMessage) or tunnel is None:
         err = BadRequest("CONNECT is not supported on this listener")
         err.status = 405
