@@ -307,8 +307,8 @@ async def test_a_frame_cut_short_by_eof_ends_the_connection(autojump_clock: Cloc
 @pytest.mark.xfail(
     strict=True,
     reason="BUG: h2 already queued a GOAWAY with the precise code (here FLOW_CONTROL_ERROR); "
-    "_read_loop then sends a second GOAWAY that says PROTOCOL_ERROR, so the peer's last word "
-    "about why the connection died is wrong",
+    "_read_loop then closes with a second GOAWAY that says PROTOCOL_ERROR, so the peer's last "
+    "word about why the connection died is wrong",
 )
 async def test_one_goaway_names_the_real_error(autojump_clock: Clock) -> None:
     async with attacked() as at:
@@ -530,7 +530,8 @@ ACK_BUDGET = 256 * 1024  # bytes of ACKs the server may hold for a peer that doe
     strict=True,
     reason="BUG: every PING and SETTINGS is answered with an ACK that h2 queues; the reader never "
     "waits for the writer, so for a client that never reads the queue grows with every frame "
-    "it sends (17 bytes per PING: 50k PINGs hold 850 KB); no cap, no ENHANCE_YOUR_CALM",
+    "it sends (17 bytes per PING: 50k PINGs hold 850 KB) until WRITE_TIMEOUT (30 s) ends the "
+    "connection: a bound in time, none in bytes; no ENHANCE_YOUR_CALM",
 )
 @pytest.mark.parametrize("kind", FLOOD_FRAMES)
 async def test_ack_flood_from_a_client_that_never_reads_is_bounded(
