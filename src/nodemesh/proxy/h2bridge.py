@@ -28,6 +28,7 @@ import h2.errors
 import h11
 import trio
 
+from nodemesh import log
 from nodemesh.errors import (
     BadRequest,
     DownstreamClosed,
@@ -43,6 +44,7 @@ from nodemesh.transport.edges import IO_ERRORS, downstream_errors, upstream_erro
 from nodemesh.transport.h2conn import H2Stream, Headers, StreamError
 
 CHUNK = 64 * 1024
+_log = log.get("nodemesh.h2bridge")
 # Connection-specific headers HTTP/2 forbids (RFC 9113 §8.2.2), beyond the hop-by-hop set.
 H2_FORBIDDEN = frozenset({b"host", b"transfer-encoding", b"connection", b"keep-alive", b"upgrade"})
 
@@ -398,7 +400,8 @@ ERR_INTERNAL = h2.errors.ErrorCodes.INTERNAL_ERROR
 
 
 async def answer_error(stream: H2Stream, err: ProxyError) -> None:
-    """Answer ``err`` on ``stream`` if the caller is still there."""
+    """Answer ``err`` on ``stream`` if the caller is still there (and say why in the log)."""
+    _log.info("stream_error_answered", status=err.status, reason=err.reason, detail=err.detail)
     with contextlib.suppress(StreamError):
         await respond_h2_error(stream, err)
 
@@ -475,9 +478,15 @@ async def relay_streams(down: H2Stream, up: H2Stream, *, request_open: bool) -> 
     async with trio.open_nursery() as nursery:
 
         async def request_body() -> None:
-            try:
-                while True:
+            while True:
+                try:
                     ev = await down.next_event()
+                except StreamError:
+                    # The caller cancelled: cancel the server's side too, and stop relaying.
+                    up.reset()
+                    nursery.cancel_scope.cancel()
+                    return
+                try:
                     if ev[0] == "data":
                         await up.send_data(ev[1])
                     elif ev[0] == "trailers":
@@ -486,11 +495,10 @@ async def relay_streams(down: H2Stream, up: H2Stream, *, request_open: bool) -> 
                     elif ev[0] == "end":
                         await up.end()
                         return
-            except StreamError:
-                # The caller cancelled (or the upstream failed): cancel the other side too.
-                up.reset()
-                down.reset()
-                nursery.cancel_scope.cancel()
+                except StreamError:
+                    # The server stopped reading the request (it answered early, e.g. a gRPC
+                    # error): not a cancellation.  The response side relays what it sent.
+                    return
 
         if request_open:
             nursery.start_soon(request_body)
