@@ -113,11 +113,6 @@ def test_prefixes_of_valid_request_lines_are_need_more_or_http1(line: bytes) -> 
     assert detect(line + b"host: web\r\n\r\n") is HTTP1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the authority-form target of CONNECT to an IPv6 literal starts with '[', which "
-    "detect() calls opaque, so this CONNECT bypasses the L7 path every other CONNECT takes",
-)
 def test_connect_to_an_ipv6_literal_is_http1() -> None:
     line = b"CONNECT [2001:db8::1]:443 HTTP/1.1\r\n"
     assert h11_accepts(line)

@@ -186,9 +186,7 @@ def check(data: bytes, out: Outcome) -> None:
 
 # --- generators ---------------------------------------------------------------------------------
 
-# HEAD stays out until test_head_requests_get_error_responses passes: today every error answer
-# to a HEAD is lost, which the oracle would report from whichever generator reaches it first.
-_methods = st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"])
+_methods = st.sampled_from([b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"HEAD"])
 _targets = st.from_regex(rb"\A/[a-z0-9/._~%=&?-]{0,24}\Z")
 _names = st.from_regex(rb"\Ax-[a-z0-9!#$%&'*+.^_`|~-]{1,12}\Z")
 _values = st.from_regex(rb"\A[\x21-\x7e]([\x20-\x7e]{0,30}[\x21-\x7e])?\Z")
@@ -458,25 +456,17 @@ def pad_head(total: int) -> bytes:
     "size",
     [
         pytest.param(60 * 1024, id="60KiB-served"),
-        pytest.param(
-            66 * 1024,
-            id="66KiB",
-            marks=pytest.mark.xfail(strict=True, reason="BUG: see test_head_limit_is_strict"),
-        ),
-        pytest.param(
-            100 * 1024,
-            id="100KiB",
-            marks=pytest.mark.xfail(strict=True, reason="BUG: see test_head_limit_is_strict"),
-        ),
+        pytest.param(66 * 1024, id="66KiB"),
+        pytest.param(100 * 1024, id="100KiB"),
         pytest.param(130 * 1024, id="130KiB"),
         pytest.param(1024 * 1024, id="1MiB"),
     ],
 )
 def test_head_limit_is_strict(size: int) -> None:
-    """BUG for 64-128 KiB: h11 bounds only an *incomplete* head, and the proxy reads 64 KiB at a
-    time, so a head that completes in the read after the limit is forwarded: the app (16 KiB
-    limit here, like many) refuses it, and the client's error becomes a 502 charged to a healthy
-    endpoint (released as failed)."""
+    """h11 bounds only an *incomplete* head, and the proxy reads 64 KiB at a time, so a head
+    that completes in the read after the limit must still be refused here: forwarded, the app
+    (16 KiB limit here, like many) would refuse it, and the client's error would become a 502
+    charged to a healthy endpoint."""
     data = pad_head(size)
     out = run(partial(attack, [data]))
     status, headers, _ = first_response(out.raw)
@@ -501,13 +491,6 @@ def test_unterminated_chunk_extension_gets_4xx_and_the_upstream_is_dropped() -> 
     assert headers.get(b"connection") == b"close"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a request with both Content-Length and Transfer-Encoding is forwarded with both "
-    "headers (h11 writes the head verbatim), so an app that trusts Content-Length reads a "
-    "different request boundary than the mesh did (request smuggling); RFC 9112 §6.1 says "
-    "reject it or drop Content-Length, and close the connection after answering",
-)
 def test_cl_and_te_never_reach_the_app_together() -> None:
     async def main() -> tuple[int, list[list[tuple[bytes, bytes]]], bool]:
         async with mesh(echo_any) as m:
@@ -531,12 +514,6 @@ def test_cl_and_te_never_reach_the_app_together() -> None:
     assert closed  # never kept alive: the two framings may disagree on where the next begins
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: no timeout covers a request body; a client that sends a head and part of its "
-    "body, then nothing, holds its connection and an upstream connection (and the app's "
-    "worker) forever (slowloris); the idle timeout applies only between requests",
-)
 def test_a_stalled_request_body_is_cut_at_the_idle_timeout() -> None:
     async def main() -> None:
         async with mesh(echo_any) as m:
@@ -589,11 +566,6 @@ def test_a_crowd_of_bad_connections_leaves_a_good_one_working() -> None:
     run(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: respond_error writes a body, which h11 refuses for a HEAD request "
-    "(LocalProtocolError, caught): the client gets no 4xx/5xx at all, only a closed connection",
-)
 @pytest.mark.parametrize("case", ["no-endpoints", "bad-body"])
 def test_head_requests_get_error_responses(case: str) -> None:
     async def main() -> bytes:

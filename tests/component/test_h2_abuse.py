@@ -304,12 +304,6 @@ async def test_a_frame_cut_short_by_eof_ends_the_connection(autojump_clock: Cloc
         assert at.started == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: h2 already queued a GOAWAY with the precise code (here FLOW_CONTROL_ERROR); "
-    "_read_loop then closes with a second GOAWAY that says PROTOCOL_ERROR, so the peer's last "
-    "word about why the connection died is wrong",
-)
 async def test_one_goaway_names_the_real_error(autojump_clock: Clock) -> None:
     async with attacked() as at:
         await at.handshake()
@@ -429,14 +423,6 @@ class Slow(trio.abc.Stream):
         await self.inner.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: H2Conn.available counts the streams h2 has open, not the ones handed out and not "
-    "yet started, and trusts h2's default limit (unlimited) until the peer's SETTINGS arrive: a "
-    "burst through MeshPool puts every request on one new connection, the server's h2 ends it "
-    "(TooManyStreamsError -> GOAWAY) with the streams it had accepted, and streams writing after "
-    "that GOAWAY raise h2's ProtocolError instead of a StreamError",
-)
 async def test_a_burst_through_the_pool_respects_the_peers_stream_limit(
     autojump_clock: Clock,
 ) -> None:
@@ -482,12 +468,6 @@ async def test_a_burst_through_the_pool_respects_the_peers_stream_limit(
 # --- GOAWAY while streams are open ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: h2 turns the whole connection CLOSED on any GOAWAY; H2Stream's send methods then "
-    "raise h2.exceptions.ProtocolError, which is not a nodemesh error (handlers log it as a crash "
-    "with a traceback; client callers get an exception nothing above the transport expects)",
-)
 async def test_writes_after_the_peers_goaway_fail_as_stream_errors(autojump_clock: Clock) -> None:
     errors: list[BaseException] = []
     go = trio.Event()
@@ -526,13 +506,6 @@ FLOOD_FRAMES = {
 ACK_BUDGET = 256 * 1024  # bytes of ACKs the server may hold for a peer that does not read
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: every PING and SETTINGS is answered with an ACK that h2 queues; the reader never "
-    "waits for the writer, so for a client that never reads the queue grows with every frame "
-    "it sends (17 bytes per PING: 50k PINGs hold 850 KB) until WRITE_TIMEOUT (30 s) ends the "
-    "connection: a bound in time, none in bytes; no ENHANCE_YOUR_CALM",
-)
 @pytest.mark.parametrize("kind", FLOOD_FRAMES)
 async def test_ack_flood_from_a_client_that_never_reads_is_bounded(
     autojump_clock: Clock, kind: str
@@ -566,13 +539,6 @@ async def test_a_client_that_reads_gets_every_ping_answered(autojump_clock: Cloc
 # --- rapid reset ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: rapid reset (CVE-2023-44487): HEADERS then RST_STREAM, repeated, starts one "
-    "handler per stream (each would open an upstream request) while no more than one stream is "
-    "ever open, so MAX_CONCURRENT_STREAMS never applies; nothing counts resets and the "
-    "connection is never ended",
-)
 async def test_rapid_reset_ends_the_connection(autojump_clock: Clock) -> None:
     async with attacked() as at:
         await at.handshake()
@@ -612,12 +578,6 @@ async def test_a_client_cancelling_now_and_then_keeps_its_connection(autojump_cl
 # --- empty frames ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: empty DATA frames (CVE-2019-9518) carry no flow-controlled bytes, so flow control "
-    "never stops them, yet each becomes a queued ('data', b'', 0) event in the stream's unbounded "
-    "inbox: 9 bytes on the wire hold an event in memory until the handler reads it",
-)
 async def test_empty_data_frames_do_not_pile_up(autojump_clock: Clock) -> None:
     go = trio.Event()
     empties: list[int] = []

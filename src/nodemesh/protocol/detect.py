@@ -44,6 +44,6 @@ def detect(prefix: bytes) -> Protocol:
     if not rest:
         return Protocol.NEED_MORE
     first = rest[:1]
-    if first in (b"/", b"*") or first.isalnum():
+    if first in (b"/", b"*", b"[") or first.isalnum():  # "[": CONNECT to an IPv6 literal
         return Protocol.HTTP1
     return Protocol.OPAQUE

@@ -24,6 +24,7 @@ path is one send and one event loop.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -133,16 +134,65 @@ async def serve_http1(
                     idle.scopes.discard(scope)
             if not isinstance(ev, h11.Request):
                 return  # idle timeout, ConnectionClosed
+            refused = refuse(ev)
+            if refused is not None:
+                if not await respond_error(ds, stream, refused):
+                    return
+                ds.start_next_cycle()
+                continue
             if ev.method == b"CONNECT" or (
                 _wants_upgrade(ev) and getattr(route, "upgrade", None) is not None
             ):
                 await _connect(ds, stream, ev, route)
                 return
-            if not await route.forward(ds, stream, ev):
+            if not await route.forward(ds, _ReadDeadline(stream, idle_timeout), ev):
                 return
             ds.start_next_cycle()
     except DownstreamClosed:
         return
+
+
+def refuse(req: h11.Request) -> BadRequest | None:
+    """The error for a request h11 accepts but a proxy must not forward, else None."""
+    size = len(req.method) + len(req.target) + 12 + sum(len(n) + len(v) + 4 for n, v in req.headers)
+    if size > MAX_HEADER_BYTES:
+        # h11 bounds only an *incomplete* head: one that completes in the read after the limit
+        # would otherwise pass at up to twice the size, and the app's refusal would look like
+        # the endpoint failing.
+        err = BadRequest(f"request head of {size} bytes is over the {MAX_HEADER_BYTES}-byte limit")
+        err.status = 431
+        return err
+    if header(req.headers, b"transfer-encoding") is not None and (
+        header(req.headers, b"content-length") is not None
+    ):
+        # RFC 9112 §6.1: the two framings may disagree on where this request ends; an app that
+        # trusts Content-Length would read a request the mesh never saw (request smuggling).
+        return BadRequest("request has both Transfer-Encoding and Content-Length; send one")
+    return None
+
+
+class _ReadDeadline(trio.abc.Stream):
+    """The downstream stream as ``forward`` sees it: a read that waits ``timeout`` without a byte
+    fails like a reset, so a client that stalls mid-body cannot hold its connection, an upstream
+    connection and the app's worker forever (slowloris).  Tunnels get the bare stream."""
+
+    def __init__(self, inner: trio.abc.Stream, timeout: float) -> None:
+        self.inner = inner
+        self.timeout = timeout
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        with trio.move_on_after(self.timeout):
+            return await self.inner.receive_some(max_bytes)
+        raise trio.BrokenResourceError(f"no request bytes for {self.timeout:g}s")
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 def _wants_upgrade(req: h11.Request) -> bool:
@@ -385,9 +435,15 @@ async def respond_error(ds: h11.Connection, dstream: trio.abc.Stream, err: Proxy
         headers.append((b"connection", b"close"))
     try:
         out = ds.send(h11.Response(status_code=err.status, headers=headers))
+    except h11.LocalProtocolError:
+        return False
+    # h11 refuses a body only in answer to HEAD, for which the head is the whole answer; h11 is
+    # in its ERROR state then, so the connection ends after this response.
+    with contextlib.suppress(h11.LocalProtocolError):
         out += ds.send(h11.Data(data=body)) + ds.send(h11.EndOfMessage())
+    try:
         with downstream_errors():
             await dstream.send_all(out)
-    except (DownstreamClosed, h11.LocalProtocolError):
+    except DownstreamClosed:
         return False
     return ds.our_state is h11.DONE and ds.their_state is h11.DONE  # type: ignore[comparison-overlap]

@@ -22,14 +22,22 @@ above the peer's last processed id are failed as *unprocessed*, which is always 
 Peer misbehaviour (a protocol error) ends the connection with GOAWAY and never raises past
 ``serve``.  Writes are shielded from the cancellation of any one stream's task: they are shared,
 and a TLS stream whose write was interrupted is unusable.  A connection that is lost for any
-reason closes its transport, so the peer sees it end.
+reason closes its transport, so the peer sees it end.  h2's refusals to send (after any GOAWAY
+h2 refuses every write) surface as ``StreamError``.
+
+Abuse in valid framing is bounded too, and ends the connection with ENHANCE_YOUR_CALM: peer
+resets beyond a token bucket (rapid reset: each reset stream costs a handler and an upstream
+request, yet never counts against MAX_CONCURRENT_STREAMS), and more PING/SETTINGS ACKs queued
+than a reading peer ever leaves unread (the reader never waits for the writer, so a peer that
+sends without reading would otherwise grow h2's outbound buffer for as long as WRITE_TIMEOUT).
+Empty DATA frames carry no flow-controlled bytes, so they are dropped on arrival, not queued.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import h2.config
@@ -53,6 +61,10 @@ READ_SIZE = 64 * 1024
 WRITE_TIMEOUT = 30.0  # seconds a peer may leave our writes unread before the connection ends
 HIGH_WATER = 1 << 20  # bytes queued for the socket before writers wait
 FINAL_FLUSH = 1.0  # seconds to send a closing GOAWAY before the transport closes
+RESET_BURST = 1000  # peer resets allowed at once; nghttp2's default (against rapid reset)
+RESET_RATE = 33.0  # ...and per second after the burst; nghttp2's default
+MAX_QUEUED_ACKS = 10_000  # PING/SETTINGS ACKs not yet written; Go's http2 server limit
+PEER_STREAMS_BEFORE_SETTINGS = 100  # RFC 9113 §6.5.2's recommended minimum; Go assumes it too
 
 Headers = list[tuple[bytes, bytes]]
 StreamHandler = Callable[["H2Stream"], Awaitable[None]]
@@ -120,8 +132,8 @@ class H2Stream:
     # -- sending --------------------------------------------------------------------------------
 
     async def send_headers(self, headers: Headers, *, end: bool = False) -> None:
-        self._check()
-        self._conn.h2.send_headers(self.id, headers, end_stream=end)
+        with self._sending():
+            self._conn.h2.send_headers(self.id, headers, end_stream=end)
         if end:
             self._end_local()
         await self._conn.flush()
@@ -130,8 +142,8 @@ class H2Stream:
         conn = self._conn
         view = memoryview(data)
         while True:
-            self._check()
-            window = conn.h2.local_flow_control_window(self.id)
+            with self._sending():
+                window = conn.h2.local_flow_control_window(self.id)
             if window <= 0 and view:
                 self._window = trio.Event()
                 await self._window.wait()
@@ -139,7 +151,8 @@ class H2Stream:
             n = min(len(view), window, conn.h2.max_outbound_frame_size)
             chunk, view = view[:n], view[n:]
             last = end and not view
-            conn.h2.send_data(self.id, chunk, end_stream=last)
+            with self._sending():
+                conn.h2.send_data(self.id, chunk, end_stream=last)
             if last:
                 self._end_local()
             await conn.flush()
@@ -147,11 +160,11 @@ class H2Stream:
                 return
 
     async def end(self, trailers: Headers | None = None) -> None:
-        self._check()
-        if trailers:
-            self._conn.h2.send_headers(self.id, trailers, end_stream=True)
-        else:
-            self._conn.h2.end_stream(self.id)
+        with self._sending():
+            if trailers:
+                self._conn.h2.send_headers(self.id, trailers, end_stream=True)
+            else:
+                self._conn.h2.end_stream(self.id)
         self._end_local()
         await self._conn.flush()
 
@@ -167,6 +180,15 @@ class H2Stream:
     def _check(self) -> None:
         if self.failure is not None:
             raise self.failure
+
+    @contextlib.contextmanager
+    def _sending(self) -> Iterator[None]:
+        """h2's refusals as stream errors: after any GOAWAY, h2 refuses every write."""
+        self._check()
+        try:
+            yield
+        except h2.exceptions.H2Error as e:
+            raise StreamError(f"stream {self.id} cannot send: {e}") from None
 
     def _end_local(self) -> None:
         self.ended_local = True
@@ -234,6 +256,11 @@ class H2Conn:
         self.goaway = False
         self.last_used = trio.current_time()
         self.handlers: trio.Nursery | None = None
+        self._peer_settings = False  # the peer's first SETTINGS arrived
+        self._reset_tokens = float(RESET_BURST)
+        self._reset_time = trio.current_time()
+        self._queued_acks = 0  # ACKs h2 queued that the flusher has not written yet
+        self._abuse: str | None = None  # why the peer is about to be cut off
 
     def __repr__(self) -> str:
         state = "alive" if self.alive and not self.goaway else "closing"
@@ -243,11 +270,15 @@ class H2Conn:
     @property
     def available(self) -> bool:
         """May carry a new stream now."""
-        return (
-            self.alive
-            and not self.goaway
-            and self.h2.open_outbound_streams < self.h2.remote_settings.max_concurrent_streams
+        limit = (
+            self.h2.remote_settings.max_concurrent_streams
+            if self._peer_settings
+            else PEER_STREAMS_BEFORE_SETTINGS
         )
+        # Streams handed out count before their HEADERS are written: a burst takes them all
+        # first, and h2 counts only the started ones.
+        opened = max(len(self._streams), self.h2.open_outbound_streams)
+        return self.alive and not self.goaway and opened < limit
 
     @property
     def active_streams(self) -> int:
@@ -277,7 +308,11 @@ class H2Conn:
 
     async def close(self, code: int = h2.errors.ErrorCodes.NO_ERROR) -> None:
         """Send GOAWAY (no new streams) and close the transport."""
-        if self.alive:
+        await self._close(code)
+
+    async def _close(self, code: int | None) -> None:
+        """``close``; ``code`` None: h2 has queued its own GOAWAY already, send no other."""
+        if self.alive and code is not None:
             try:
                 self.h2.close_connection(error_code=code)
             except h2.exceptions.H2Error:
@@ -359,10 +394,11 @@ class H2Conn:
             while self.alive:
                 await self._flush_needed.wait()
                 self._flush_needed = trio.Event()
+                acks = self._queued_acks
                 data = self._take()
                 self._unsent = len(data)
-                if data:
-                    await self._write(data, WRITE_TIMEOUT)
+                if data and await self._write(data, WRITE_TIMEOUT):
+                    self._queued_acks -= acks
                 self._unsent = 0
                 self._drained.set()
         finally:
@@ -400,16 +436,43 @@ class H2Conn:
                 events = self.h2.receive_data(data)
             except h2.exceptions.ProtocolError as e:
                 _log.info("h2_protocol_error", conn=self.name, error=str(e))
-                await self.close(h2.errors.ErrorCodes.PROTOCOL_ERROR)  # GOAWAY, then close
+                # For a bad frame h2 has queued a GOAWAY with the precise code (and closed its
+                # state machine): a second GOAWAY would contradict it.  A bad preface fails
+                # before that, and gets our PROTOCOL_ERROR.
+                queued = self.h2.state_machine.state is h2.connection.ConnectionState.CLOSED
+                await self._close(None if queued else h2.errors.ErrorCodes.PROTOCOL_ERROR)
                 return
             for ev in events:
                 self._dispatch(ev)
+            if self._abuse is not None:
+                _log.info("h2_peer_cut_off", conn=self.name, reason=self._abuse)
+                await self.close(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+                return
             # Never wait on a write here: if both peers' readers blocked on full send buffers,
             # neither would read again.  The flusher task writes; flow control bounds reads.
             self.wake_flush()
 
+    def _count_reset(self) -> None:
+        now = trio.current_time()
+        refill = (now - self._reset_time) * RESET_RATE
+        self._reset_tokens = min(float(RESET_BURST), self._reset_tokens + refill) - 1
+        self._reset_time = now
+        if self._reset_tokens < 0:
+            self._abuse = self._abuse or "stream resets over the limit"
+
+    def _count_ack(self) -> None:
+        self._queued_acks += 1
+        if self._queued_acks > MAX_QUEUED_ACKS:
+            self._abuse = self._abuse or "control frames from a peer that does not read"
+
     def _dispatch(self, ev: h2.events.Event) -> None:
-        if isinstance(ev, h2.events.DataReceived):
+        if isinstance(ev, h2.events.DataReceived) and not ev.data:
+            # Nothing to deliver (END_STREAM comes as its own event); queueing it would let
+            # 9-byte frames hold memory, unchecked by flow control (CVE-2019-9518).
+            if ev.flow_controlled_length:  # padding only: credit it back
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        elif isinstance(ev, h2.events.DataReceived):
             s = self._streams.get(ev.stream_id)
             if s is None:
                 # Data for a stream we dropped: credit the windows so the connection lives on.
@@ -421,7 +484,7 @@ class H2Conn:
             stream.head_ended = ev.stream_ended is not None
             self._streams[ev.stream_id] = stream
             stream._deliver(("headers", list(ev.headers)))
-            if self._on_stream is None or self.handlers is None or self.goaway:
+            if self._on_stream is None or self.handlers is None or self.goaway or self._abuse:
                 stream.reset(h2.errors.ErrorCodes.REFUSED_STREAM)
             else:
                 self.handlers.start_soon(self._run_handler, stream)
@@ -438,6 +501,8 @@ class H2Conn:
         elif isinstance(ev, h2.events.StreamEnded):
             self._to(ev.stream_id, ("end",))
         elif isinstance(ev, h2.events.StreamReset):
+            if not self.client and ev.remote_reset:
+                self._count_reset()
             s = self._streams.pop(ev.stream_id, None)
             if s is not None:
                 unprocessed = ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
@@ -455,8 +520,12 @@ class H2Conn:
             elif (one := self._streams.get(ev.stream_id)) is not None:
                 one._wake()
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            self._peer_settings = True
+            self._count_ack()
             for s in self._streams.values():
                 s._wake()
+        elif isinstance(ev, h2.events.PingReceived):
+            self._count_ack()
         elif isinstance(ev, h2.events.ConnectionTerminated):
             self.goaway = True
             last = ev.last_stream_id if ev.last_stream_id is not None else 2**31
@@ -472,6 +541,8 @@ class H2Conn:
 
     async def _run_handler(self, stream: H2Stream) -> None:
         assert self._on_stream is not None
+        if stream.failure is not None:
+            return  # reset by the peer in the same read that opened it: nothing to answer
         try:
             await self._on_stream(stream)
         except (NodemeshError, *IO_ERRORS) as e:
