@@ -7,7 +7,9 @@ Python function that called it, which is what a reader needs: ``ssl.SSLObject.re
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ LAYERS: tuple[tuple[str, Callable[[str, str], bool]], ...] = (
     ("socket send/recv", lambda func, file: file == "trio/_socket.py"),
     ("TLS", lambda func, file: file in ("ssl.py", "trio/_ssl.py")),
     ("h11", lambda func, file: file.startswith("h11/")),
+    ("HTTP/2 (h2, hpack)", lambda func, file: file.startswith(("h2/", "hpack/", "hyperframe/"))),
     ("nodemesh", lambda func, file: file.startswith("nodemesh/")),
     ("trio scheduler and streams", lambda func, file: file.startswith("trio/")),
     ("logging", lambda func, file: file.startswith(("structlog/", "logging/"))),
@@ -98,3 +101,15 @@ def report(prof: Profile, top: int = 12) -> dict[str, Any]:
         "self_by_function_pct": prof.shares(prof.self_by_function, top),
         "inclusive_nodemesh_pct": prof.shares(prof.inclusive_nodemesh, top),
     }
+
+
+def main(argv: list[str]) -> int:
+    """``python bench/pyspy.py RAW...``: summarize py-spy raw files again (a new layer table)."""
+    for path in argv:
+        with open(path) as f:
+            print(json.dumps({"file": path, **report(summarize(f))}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
