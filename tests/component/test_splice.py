@@ -131,7 +131,7 @@ async def test_bytes_both_ways_and_half_close(autojump_clock: Clock) -> None:
         st = await wait_done(w)
         assert st is w.stats
         assert (st.bytes_in, st.bytes_out) == (5, 17)
-        assert repr(st) == "<SpliceStats in=5 out=17>"
+        assert repr(st) == "<ByteCount in=5 out=17>"
 
 
 async def test_server_closing_first(autojump_clock: Clock) -> None:

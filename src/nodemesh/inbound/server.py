@@ -40,7 +40,7 @@ from nodemesh.proxy.h2bridge import (
 )
 from nodemesh.proxy.http1 import IdleSet, forward, respond_error, serve_http1
 from nodemesh.proxy.pool import Pool, Upstream
-from nodemesh.proxy.splice import SpliceStats, splice
+from nodemesh.proxy.splice import splice
 from nodemesh.transport.edges import IO_ERRORS, close_quietly, downstream_errors, open_tcp
 from nodemesh.transport.h2conn import H2Conn, H2Stream
 
@@ -239,10 +239,8 @@ class InboundRoute:
 
     async def tunnel_h2(self, stream: H2Stream, authority: bytes | None) -> None:
         """A CONNECT stream: answer 200 once the app is connected, then carry bytes."""
-        tcp = self._in.agent.recorder.tcp("inbound", self.service)
-        tcp.opened += 1
-        stats = SpliceStats()
-        try:
+        # splice_stream counts app -> mesh as "in"; for inbound the mesh is the client side.
+        with self._in.agent.recorder.connection("inbound", self.service, flip=True) as count:
             try:
                 ip, port = self.target_of(authority)
                 app = await open_tcp(ip, port, self._in.agent.cfg.inbound_connect_timeout)
@@ -251,21 +249,13 @@ class InboundRoute:
                 return
             try:
                 await stream.send_headers([(b":status", b"200")])
-                await splice_stream(app, stream, stats)
+                await splice_stream(app, stream, count)
             finally:
                 await close_quietly(app)
-        finally:
-            tcp.closed += 1
-            # splice_stream counts app -> mesh as "in"; for inbound the mesh is the client side.
-            tcp.bytes_in += stats.bytes_out
-            tcp.bytes_out += stats.bytes_in
 
     async def tunnel(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> None:
         """``CONNECT ip:port``: answer 200 once the app is connected, then splice bytes."""
-        tcp = self._in.agent.recorder.tcp("inbound", self.service)
-        tcp.opened += 1
-        stats = SpliceStats()
-        try:
+        with self._in.agent.recorder.connection("inbound", self.service) as count:
             try:
                 ip, port = self.target(req)
                 app = await open_tcp(ip, port, self._in.agent.cfg.inbound_connect_timeout)
@@ -276,10 +266,6 @@ class InboundRoute:
                 with downstream_errors():
                     await stream.send_all(ds.send(h11.Response(status_code=200, headers=[])))
                 leftover, _closed = ds.trailing_data
-                await splice(stream, app, prefix=leftover, stats=stats)
+                await splice(stream, app, prefix=leftover, stats=count)
             finally:
                 await close_quietly(app)
-        finally:
-            tcp.closed += 1
-            tcp.bytes_in += stats.bytes_in
-            tcp.bytes_out += stats.bytes_out

@@ -19,7 +19,7 @@ kind of connection carries the raw bytes, END_STREAM being a half-close.
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from functools import partial
 from typing import cast
 
@@ -45,7 +45,7 @@ from nodemesh.proxy.h2bridge import (
     split_pseudo,
 )
 from nodemesh.proxy.http1 import IdleSet, respond_error, serve_http1
-from nodemesh.proxy.splice import SpliceStats, splice
+from nodemesh.proxy.splice import splice
 from nodemesh.transport.edges import close_quietly, open_tcp, open_tls
 from nodemesh.transport.h2conn import H2Conn, H2Stream, Headers
 from nodemesh.transport.original_dst import original_dst
@@ -126,7 +126,7 @@ class Outbound:
                 idle=self.idle,
             )
         else:
-            await self._tunnel(stream, service, prefix)
+            await self.carry(stream, service, prefix)
 
     async def _serve_h2_app(
         self, stream: trio.SocketStream, service: str, ip: str, port: int, prefix: bytes
@@ -182,54 +182,55 @@ class Outbound:
         return Protocol.OPAQUE, buf  # timeout (server speaks first), EOF or long token
 
     async def _egress(self, stream: trio.SocketStream, ip: str, port: int) -> None:
-        tcp = self.agent.recorder.tcp("egress", "egress")  # one series: destinations are unbounded
-        tcp.opened += 1
-        try:
-            up = await open_tcp(ip, port, self.agent.cfg.outbound_connect_timeout)
-        except ProxyError as e:
-            _log.debug("egress_connect_failed", dst=f"{ip}:{port}", error=e.detail)
-            tcp.closed += 1
-            return
-        stats = SpliceStats()
-        try:
-            await splice(stream, up, stats=stats)
-        finally:
-            await close_quietly(up)
-            tcp.closed += 1
-            tcp.bytes_in += stats.bytes_in
-            tcp.bytes_out += stats.bytes_out
+        # One series for all egress: its destinations are unbounded.
+        with self.agent.recorder.connection("egress", "egress") as count:
+            try:
+                up = await open_tcp(ip, port, self.agent.cfg.outbound_connect_timeout)
+            except ProxyError as e:
+                _log.debug("egress_connect_failed", dst=f"{ip}:{port}", error=e.detail)
+                return
+            try:
+                await splice(stream, up, stats=count)
+            finally:
+                await close_quietly(up)
 
-    async def _tunnel(self, stream: trio.SocketStream, service: str, prefix: bytes) -> None:
-        tcp = self.agent.recorder.tcp("outbound", service)
-        tcp.opened += 1
-        balancer = self.agent.balancer(service)
-        stats = SpliceStats()
-        try:
-            ep = balancer.pick()
-        except ProxyError as e:
-            tcp.closed += 1
-            _log.info("tunnel_refused", service=service, error=e.detail)
-            return
-        start = time.perf_counter()
-        failed = True
-        try:
-            tunnel = await self._open_tunnel(ep)
-            failed = False
-            balancer.done(ep, time.perf_counter() - start)
-            if prefix:  # bytes read while detecting the protocol
-                await tunnel.send_data(prefix)
-                stats.bytes_in += len(prefix)
-            await splice_stream(stream, tunnel, stats)
-        except ProxyError as e:
-            _log.info(
-                "tunnel_failed", service=service, endpoint=f"{ep.address}:{ep.port}", error=e.detail
-            )
-        finally:
-            if failed:
+    async def carry(
+        self,
+        stream: trio.abc.Stream,
+        service: str,
+        first: bytes,
+        refuse: Callable[[ProxyError], Awaitable[object]] | None = None,
+    ) -> None:
+        """Carry ``stream`` as bytes to one balanced instance of ``service`` over a CONNECT
+        stream, ``first`` sent ahead (bytes already read from the app).  ``refuse`` answers the
+        app when no tunnel can be opened (an upgrade request still expects an HTTP answer)."""
+        with self.agent.recorder.connection("outbound", service) as count:
+            balancer = self.agent.balancer(service)
+            try:
+                ep = balancer.pick()
+            except ProxyError as e:
+                _log.info("tunnel_refused", service=service, error=e.detail)
+                if refuse is not None:
+                    await refuse(e)
+                return
+            start = time.perf_counter()
+            try:
+                tunnel = await self._open_tunnel(ep)
+            except ProxyError as e:
                 balancer.done(ep, time.perf_counter() - start, failed=True)
-            tcp.closed += 1
-            tcp.bytes_in += stats.bytes_in
-            tcp.bytes_out += stats.bytes_out
+                _log.info("tunnel_failed", service=service, endpoint=repr(ep), error=e.detail)
+                if refuse is not None:
+                    await refuse(e)
+                return
+            balancer.done(ep, time.perf_counter() - start)
+            try:
+                if first:
+                    await tunnel.send_data(first)
+                    count.bytes_in += len(first)
+                await splice_stream(stream, tunnel, count)
+            except ProxyError as e:
+                tunnel.reset()
+                _log.info("tunnel_failed", service=service, endpoint=repr(ep), error=e.detail)
 
     async def _open_tunnel(self, ep: Endpoint) -> H2Stream:
         """A CONNECT stream to ``ep`` through its agent, once the agent reached the app."""
@@ -291,41 +292,12 @@ class OutboundRoute:
         The request head goes to one balanced instance through a CONNECT stream exactly as the
         app wrote it (hop-by-hop headers included: they are the point), then both directions
         are spliced; the server's 101 and everything after reach the app untouched."""
-        out = self._out
-        tcp = out.agent.recorder.tcp("outbound", self.service)
-        tcp.opened += 1
-        stats = SpliceStats()
-        balancer = out.agent.balancer(self.service)
-        start = time.perf_counter()
-        try:
-            ep = balancer.pick()
-        except ProxyError as e:
-            tcp.closed += 1
-            await respond_error(ds, stream, e)
-            return
-        failed = True
-        try:
-            mesh = await out._open_tunnel(ep)
-            failed = False
-            balancer.done(ep, time.perf_counter() - start)
-            head = h11.Connection(h11.CLIENT).send(
-                h11.Request(
-                    method=req.method, target=req.target, headers=mesh_free(list(req.headers))
-                )
-            )
-            await mesh.send_data(head + ds.trailing_data[0])
-            stats.bytes_in += len(head) + len(ds.trailing_data[0])
-            await splice_stream(stream, mesh, stats)
-        except ProxyError as e:
-            _log.info("upgrade_failed", service=self.service, error=e.detail)
-            if failed:
-                await respond_error(ds, stream, e)
-        finally:
-            if failed:
-                balancer.done(ep, time.perf_counter() - start, failed=True)
-            tcp.closed += 1
-            tcp.bytes_in += stats.bytes_in
-            tcp.bytes_out += stats.bytes_out
+        head = h11.Connection(h11.CLIENT).send(
+            h11.Request(method=req.method, target=req.target, headers=mesh_free(list(req.headers)))
+        )
+        await self._out.carry(
+            stream, self.service, head + ds.trailing_data[0], partial(respond_error, ds, stream)
+        )
 
     upgrade = tunnel
 

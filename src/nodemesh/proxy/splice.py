@@ -10,20 +10,13 @@ from __future__ import annotations
 
 import trio
 
+from nodemesh.telemetry.metrics import ByteCount
 from nodemesh.transport.edges import IO_ERRORS
 
 CHUNK = 64 * 1024
 
 
-class SpliceStats:
-    __slots__ = ("bytes_in", "bytes_out")
-
-    def __init__(self) -> None:
-        self.bytes_in = 0  # downstream -> upstream
-        self.bytes_out = 0  # upstream -> downstream
-
-    def __repr__(self) -> str:
-        return f"<SpliceStats in={self.bytes_in} out={self.bytes_out}>"
+SpliceStats = ByteCount  # bytes_in: downstream -> upstream; bytes_out: the other way
 
 
 async def splice(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from hdrh.histogram import HdrHistogram
@@ -54,6 +55,19 @@ class TcpSeries:
     bytes_out: int = 0
 
 
+class ByteCount:
+    """Bytes one connection carried: ``bytes_in`` from its client side, ``bytes_out`` to it."""
+
+    __slots__ = ("bytes_in", "bytes_out")
+
+    def __init__(self) -> None:
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def __repr__(self) -> str:
+        return f"<ByteCount in={self.bytes_in} out={self.bytes_out}>"
+
+
 class Recorder:
     def __init__(self) -> None:
         self._series: dict[tuple[str, str, str, str], Series] = {}
@@ -85,6 +99,22 @@ class Recorder:
         if t is None:
             t = self._tcp[key] = TcpSeries(direction, service)
         return t
+
+    @contextmanager
+    def connection(
+        self, direction: str, service: str, *, flip: bool = False
+    ) -> Iterator[ByteCount]:
+        """Count one TCP connection for its lifetime.  ``flip``: the counter was filled from the
+        server's side (an inbound tunnel splices app-first), so in and out swap."""
+        t = self.tcp(direction, service)
+        t.opened += 1
+        count = ByteCount()
+        try:
+            yield count
+        finally:
+            t.closed += 1
+            t.bytes_in += count.bytes_out if flip else count.bytes_in
+            t.bytes_out += count.bytes_in if flip else count.bytes_out
 
     def series(self) -> Iterator[Series]:
         return iter(list(self._series.values()))
