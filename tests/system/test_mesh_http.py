@@ -28,6 +28,7 @@ from nodemesh.lab.mesh import AppSpec, Lab, LabSpec
 pytestmark = pytest.mark.system
 
 TRUST = "spiffe://nodemesh.local/dc/dc1"
+BIG_DOWNLOAD = 256 * 1024 * 1024  # bytes; far more than 5 s at 256 KiB/s
 
 
 @pytest.fixture(scope="module")
@@ -341,6 +342,53 @@ def test_keep_alive_on_the_app_side(lab: Lab) -> None:
     assert (
         p.stderr.count(b"Re-using existing connection") + p.stderr.count(b"Reusing existing") >= 2
     ), p.stderr
+
+
+def _rss_mib(lab: Lab, host: str) -> float:
+    status = lab.exec(host, ["cat", f"/proc/{lab.agents[host].pid}/status"]).stdout.decode()
+    (line,) = [x for x in status.splitlines() if x.startswith("VmRSS:")]
+    return int(line.split()[1]) / 1024
+
+
+def test_a_slow_reader_never_makes_the_agents_buffer(lab: Lab) -> None:
+    # A client reading at 256 KiB/s pulls a large body through both agents: flow control
+    # (HTTP/2 windows between agents, TCP towards the apps) must hold the sender back instead
+    # of letting either agent buffer the body.
+    lab.wait_http("h1", _web(lab))
+    before = {h: _rss_mib(lab, h) for h in ("h1", "h2", "h3")}
+    url = _web(lab, "h2", f"/bytes?n={BIG_DOWNLOAD}")
+    slow = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.host("h1").netns,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "--limit-rate",
+            "256k",
+            "--max-time",
+            "8",
+            url,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(5)
+        during = {h: _rss_mib(lab, h) for h in ("h1", "h2", "h3")}
+        assert slow.poll() is None, "the download ended early: nothing was slow"
+        # Bounded: the windows are 1 MiB per stream; allow generous slack for the runtime.
+        for h in during:
+            assert during[h] - before[h] < 32, (before, during)
+        # ... and other traffic is unaffected meanwhile.
+        assert lab.curl("h1", _web(lab, "h3")).status == 200
+    finally:
+        slow.kill()
+        slow.wait(timeout=10)
 
 
 # --- bad input from the app never harms other connections ------------------------------------
