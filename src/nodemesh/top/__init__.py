@@ -1,0 +1,1 @@
+"""``nodemesh top``: a live full-screen view of traffic between services."""
