@@ -105,17 +105,46 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime) / CLK_TCK
 
 
+STAT_COLUMNS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+BUSY_COLUMNS = ("user", "nice", "system", "irq", "softirq", "steal")
+
+
+def machine_cpu_seconds() -> dict[str, float]:
+    """The machine's CPU time so far by kind, summed over cores (the "cpu" line of /proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return {name: v / CLK_TCK for name, v in zip(STAT_COLUMNS, fields, strict=False)}
+
+
 def machine_busy_seconds() -> float:
     """CPU time every core of the machine spent busy so far (not idle, not waiting for I/O)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+    cpu = machine_cpu_seconds()
+    return sum(cpu[k] for k in BUSY_COLUMNS)
 
 
 def children_cpu_seconds() -> float:
     """CPU time of this process's reaped children: wrk, once ``run_wrk`` has returned."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
+
+
+def all_cpu_seconds() -> dict[int, float]:
+    """CPU seconds of every process on the machine, by pid (ones that vanish mid-read skipped)."""
+    out: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out[int(entry.name)] = cpu_seconds(int(entry.name))
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def command_line(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:160] or "?"
 
 
 def rss_bytes(pid: int) -> int:
@@ -158,7 +187,11 @@ class Watch:
     machine_busy_s: float = 0.0  # every process on the machine, ours included
     children_cpu_s: float = 0.0  # the driver's reaped children: wrk
     _cpu0: dict[str, float] = field(default_factory=dict)
+    machine_by_kind_s: dict[str, float] = field(default_factory=dict)
     _start: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    _kinds0: dict[str, float] = field(default_factory=dict)
+    _all0: dict[int, float] = field(default_factory=dict)
+    busiest_others: list[dict[str, Any]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -169,6 +202,8 @@ class Watch:
         self.usage = [ProcUsage(label, list(pids)) for label, pids in self.groups.items()]
         self._cpu0 = {u.label: self._cpu(u.pids) for u in self.usage}
         self._start = (time.monotonic(), machine_busy_seconds(), children_cpu_seconds())
+        self._kinds0 = machine_cpu_seconds()
+        self._all0 = all_cpu_seconds()
         self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
         self._thread.start()
         return self
@@ -193,8 +228,22 @@ class Watch:
         self.wall_s = time.monotonic() - wall0
         self.machine_busy_s = machine_busy_seconds() - busy0
         self.children_cpu_s = children_cpu_seconds() - children0
+        # Who else used the CPU (processes that ended meanwhile are not seen; wrk is reaped).
+        watched = {p for u in self.usage for p in u.pids}
+        deltas = [
+            (cpu - self._all0.get(pid, 0.0), pid)
+            for pid, cpu in all_cpu_seconds().items()
+            if pid not in watched
+        ]
+        self.busiest_others = [
+            {"pid": pid, "cpu_s": round(d, 2), "command": command_line(pid)}
+            for d, pid in sorted(deltas, reverse=True)[:5]
+            if d >= 0.1
+        ]
+        kinds = machine_cpu_seconds()
+        self.machine_by_kind_s = {k: kinds[k] - self._kinds0[k] for k in BUSY_COLUMNS}
 
-    def cpu_summary(self) -> dict[str, float]:
+    def cpu_summary(self) -> dict[str, Any]:
         """Cores busy on the whole machine, by wrk, by the watched processes, and the rest:
         the lab's idle Consul and controller plus anything else running on the machine, which
         is what tells a clean run from a disturbed one."""
@@ -207,6 +256,11 @@ class Watch:
             "wrk_cores": round(self.children_cpu_s / wall, 2),
             "watched_cores": round(watched / wall, 2),
             "other_cores": round(rest / wall, 2),
+            # Where the machine's busy time went: softirq is the network stack, steal is time
+            # the hypervisor gave to someone else.
+            "machine_cores_by_kind": {
+                k: round(v / wall, 2) for k, v in self.machine_by_kind_s.items()
+            },
         }
 
 

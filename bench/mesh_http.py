@@ -132,8 +132,11 @@ def measure(
     say(
         f"{route.name}: {res.rps:,.0f} req/s, p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, "
         f"{res.error_count} errors; cores busy: machine {cpu['machine_cores_busy']}, "
-        f"wrk {cpu['wrk_cores']}, watched {cpu['watched_cores']}, other {cpu['other_cores']}"
+        f"wrk {cpu['wrk_cores']}, watched {cpu['watched_cores']}, other {cpu['other_cores']} "
+        f"(machine by kind: {cpu['machine_cores_by_kind']})"
     )
+    for other in watch.busiest_others:
+        say(f"    also busy: {other['cpu_s']}s pid {other['pid']} {other['command'][:100]}")
     return {
         "name": route.name,
         "path": route.what,
@@ -154,6 +157,7 @@ def measure(
             for u in usage_dicts(watch.usage)
         ],
         "cpu": watch.cpu_summary(),
+        "busiest_other_processes": watch.busiest_others,
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "wrk_text": res.text,
