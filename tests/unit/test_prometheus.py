@@ -172,6 +172,7 @@ def test_render_parses_and_declares_every_family() -> None:
         "nodemesh_tcp_write_bytes_total": "counter",
         "nodemesh_tcp_open_connections": "gauge",
         "nodemesh_series_overflow_total": "counter",
+        "nodemesh_reports_dropped_total": "counter",
     }
     assert set(exp.helps) == set(exp.types)
 
@@ -251,7 +252,16 @@ def test_hostile_label_values_round_trip(name: str) -> None:
 
 def test_empty_recorder_renders_valid_text() -> None:
     exp = parse(render(Recorder()))
-    assert exp.samples == {("nodemesh_series_overflow_total", frozenset()): 0}
+    assert exp.samples == {
+        ("nodemesh_series_overflow_total", frozenset()): 0,
+        ("nodemesh_reports_dropped_total", frozenset()): 0,
+    }
+
+
+def test_dropped_reports_are_a_counter() -> None:
+    rec = Recorder()
+    rec.reports_dropped = 3
+    assert parse(render(rec)).value("nodemesh_reports_dropped_total") == 3
 
 
 def test_overflow_count_and_extra_lines() -> None:

@@ -4,6 +4,9 @@
     GET  /v1/ca/roots      the trust bundle, PEM
     POST /v1/sign/node     Bearer <join token>, {"csr": PEM}                 -> node identity
     POST /v1/sign/service  mTLS with the node cert, {"csr": PEM, "service"}  -> svc identity
+    POST /v1/metrics/report  mTLS with the node cert, an interval report      -> accepted
+    GET  /v1/metrics?window=1m&by=service  any cert of this CA                -> rows
+    (the metrics endpoints are specified in docs/observability.md)
 
 Who may have which identity (the security of the whole mesh):
 - a node identity goes to a join-token holder only for a node that Consul knows, and only
@@ -24,6 +27,8 @@ import ipaddress
 import json
 import re
 import ssl
+import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -33,6 +38,7 @@ import h11
 import trio
 
 from nodemesh import log
+from nodemesh.controller import metrics
 from nodemesh.controller.catalog import ConsulUnavailable, NodeInfo
 from nodemesh.errors import IdentityError, NodemeshError
 from nodemesh.identity import keys, spiffe, tls
@@ -43,6 +49,7 @@ _log = log.get("nodemesh.controller")
 
 MAX_HEAD = 64 * 1024  # request line + headers
 MAX_BODY = 64 * 1024  # a CSR is under 1 KiB
+MAX_REPORT_BODY = 4 * 1024 * 1024  # 500 series of compressed histograms, with room to spare
 HANDSHAKE_TIMEOUT = 10.0  # seconds
 IDLE_TIMEOUT = 30.0  # seconds a kept-alive connection may sit between requests
 REQUEST_TIMEOUT = 30.0  # seconds for one request to arrive in full once it started
@@ -65,6 +72,7 @@ class Request:
     body: bytes
     peer_ip: str
     peer: SpiffeId | None  # from the client certificate, if one was presented
+    query: str = ""  # the target after "?", undecoded
 
 
 @dataclass(frozen=True)
@@ -97,8 +105,12 @@ class ControllerApi:
         join_token: str,
         datacenter: str,
         leaf_ttl: float,
+        fleet: metrics.FleetMetrics | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.ca = ca
+        self.fleet = fleet if fleet is not None else metrics.FleetMetrics()
+        self._clock = clock
         self.catalog = catalog
         self._token = join_token.encode()
         self.datacenter = datacenter
@@ -108,6 +120,8 @@ class ControllerApi:
             ("GET", "/v1/ca/roots"): self._roots,
             ("POST", "/v1/sign/node"): self._sign_node,
             ("POST", "/v1/sign/service"): self._sign_service,
+            ("POST", "/v1/metrics/report"): self._metrics_report,
+            ("GET", "/v1/metrics"): self._metrics_query,
         }
 
     async def handle(self, req: Request) -> Response:
@@ -172,6 +186,34 @@ class ControllerApi:
             csr_pem, spiffe.service_id(self.ca.trust_domain, self.datacenter, service)
         )
 
+    async def _metrics_report(self, req: Request) -> Response:
+        caller = self._caller(req)
+        if caller.kind != "node":
+            raise ApiError(403, f"{caller} is not a node; agents report with their node cert")
+        try:
+            report = metrics.parse_report(json.loads(req.body))
+        except (ValueError, RecursionError) as e:  # BadReport; JSON that does not parse
+            why = str(e) if isinstance(e, metrics.BadReport) else "the body is not valid JSON"
+            raise ApiError(400, f"bad metrics report: {why}") from None
+        if report.agent != caller.uri:
+            raise ApiError(403, f"agent = {report.agent!r} but the client certificate is {caller}")
+        done = self.fleet.ingest(report, self._clock())
+        if done.late:
+            _log.info("metrics_report_late", agent=report.agent, seq=report.seq)
+        return Response.json(200, {"accepted": True, "duplicate": done.duplicate})
+
+    async def _metrics_query(self, req: Request) -> Response:
+        self._caller(req)
+        args = dict(urllib.parse.parse_qsl(req.query))
+        try:
+            window = metrics.parse_window(args.get("window", "1m"))
+            doc = self.fleet.query(
+                self._clock(), window, args.get("by", "service"), args.get("direction", "inbound")
+            )
+        except metrics.BadReport as e:
+            raise ApiError(400, str(e)) from None
+        return Response.json(200, doc)
+
     # --- checks --------------------------------------------------------------------------------
 
     def _check_token(self, header: str) -> None:
@@ -182,6 +224,13 @@ class ControllerApi:
             raise ApiError(
                 401, "the join token does not match this cluster's; check join_token_file"
             )
+
+    def _caller(self, req: Request) -> SpiffeId:
+        if req.peer is None:
+            raise ApiError(401, "this endpoint needs a certificate of this mesh as TLS client cert")
+        if not self._ours(req.peer):
+            raise ApiError(403, f"{req.peer} is not of datacenter {self.datacenter!r}")
+        return req.peer
 
     def _ours(self, ident: SpiffeId) -> bool:
         return ident.trust_domain == self.ca.trust_domain and ident.datacenter == self.datacenter
@@ -311,17 +360,20 @@ async def _serve_http(
             await _linger(stream)
             return
         except _TooLarge:
-            await _send(conn, stream, Response.error(413, f"request body over {MAX_BODY} bytes"))
+            limit = _body_limit(event.target)
+            await _send(conn, stream, Response.error(413, f"request body over {limit} bytes"))
             await _linger(stream)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+        path, _, query = event.target.decode("ascii", "replace").partition("?")
         req = Request(
             method=event.method.decode("ascii"),
-            path=event.target.decode("ascii", "replace").split("?", 1)[0],
+            path=path,
             headers=headers,
             body=body,
             peer_ip=peer_ip,
             peer=peer,
+            query=query,
         )
         await _send(conn, stream, await api.handle(req))
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -335,6 +387,11 @@ def _head_size(head: h11.Request) -> int:
 
 class _TooLarge(Exception):
     pass
+
+
+def _body_limit(target: bytes) -> int:
+    # Only the metrics report is big; every other body stays at the CSR-sized bound.
+    return MAX_REPORT_BODY if target.split(b"?", 1)[0] == b"/v1/metrics/report" else MAX_BODY
 
 
 async def _linger(stream: trio.SSLStream[trio.SocketStream]) -> None:
@@ -364,8 +421,9 @@ async def _next_event(conn: h11.Connection, stream: trio.SSLStream[trio.SocketSt
 async def _read_body(
     conn: h11.Connection, stream: trio.SSLStream[trio.SocketStream], head: h11.Request
 ) -> bytes:
+    limit = _body_limit(head.target)
     for name, value in head.headers:
-        if name == b"content-length" and int(value) > MAX_BODY:
+        if name == b"content-length" and int(value) > limit:
             raise _TooLarge  # refuse before reading a byte of it
     chunks: list[bytes] = []
     size = 0
@@ -373,7 +431,7 @@ async def _read_body(
         event = await _next_event(conn, stream)
         if isinstance(event, h11.Data):
             size += len(event.data)
-            if size > MAX_BODY:
+            if size > limit:
                 raise _TooLarge
             chunks.append(bytes(event.data))
         elif isinstance(event, h11.EndOfMessage):

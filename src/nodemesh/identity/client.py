@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from nodemesh.identity import tls
 
 CONTROLLER_NAME = "nodemesh-controller"  # DNS SAN of the controller's cert and its Consul name
 MAX_RESPONSE = 256 * 1024  # a chain plus roots is a few KiB; anything bigger is not ours
+MAX_METRICS_RESPONSE = 16 * 1024 * 1024  # a query over every edge of a big fleet
 
 
 class ControllerUnavailable(IdentityError):
@@ -98,6 +100,35 @@ class ControllerClient:
         )
         return _signed(doc)
 
+    async def report_metrics(
+        self, report: dict[str, Any], node_chain_pem: bytes, node_key_pem: bytes
+    ) -> bool:
+        """Deliver one interval report (docs/observability.md); True if the controller had
+        it already (a retry of a report whose answer was lost)."""
+        doc = await self._call(
+            "POST", "/v1/metrics/report", report, [], client_pair=(node_chain_pem, node_key_pem)
+        )
+        return doc.get("duplicate") is True
+
+    async def metrics(
+        self,
+        window: str,
+        by: str,
+        chain_pem: bytes,
+        key_pem: bytes,
+        direction: str = "inbound",
+    ) -> dict[str, Any]:
+        """The controller's merged rows for ``window`` (like "1m") grouped ``by``."""
+        query = urllib.parse.urlencode({"window": window, "by": by, "direction": direction})
+        return await self._call(
+            "GET",
+            f"/v1/metrics?{query}",
+            None,
+            [],
+            client_pair=(chain_pem, key_pem),
+            limit=MAX_METRICS_RESPONSE,
+        )
+
     # --- plumbing ------------------------------------------------------------------------------
 
     async def _call(
@@ -108,9 +139,10 @@ class ControllerClient:
         headers: list[tuple[str, str]] | None = None,
         *,
         client_pair: tuple[bytes, bytes] | None = None,
+        limit: int = MAX_RESPONSE,
     ) -> dict[str, Any]:
         body = json.dumps(doc).encode() if doc is not None else b""
-        status, raw = await self._exchange(method, path, body, headers or [], client_pair)
+        status, raw = await self._exchange(method, path, body, headers or [], client_pair, limit)
         if status != 200:
             raise ControllerRefused(status, _error_text(raw))
         try:
@@ -144,6 +176,7 @@ class ControllerClient:
         body: bytes,
         headers: list[tuple[str, str]],
         pair: tuple[bytes, bytes] | None,
+        limit: int = MAX_RESPONSE,
     ) -> tuple[int, bytes]:
         host, port = self._target()
         where = f"{host}:{port}"
@@ -156,7 +189,7 @@ class ControllerClient:
             ) from None
         stream = trio.SSLStream(tcp, ctx, server_hostname=CONTROLLER_NAME, https_compatible=True)
         try:
-            return await _roundtrip(stream, method, path, body, headers)
+            return await _roundtrip(stream, method, path, body, headers, limit)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             cause = e.__cause__ or e
             raise ControllerUnavailable(f"controller at {where} failed: {cause}") from None
@@ -172,6 +205,7 @@ async def _roundtrip(
     path: str,
     body: bytes,
     headers: list[tuple[str, str]],
+    limit: int = MAX_RESPONSE,
 ) -> tuple[int, bytes]:
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE)
     req = h11.Request(
@@ -201,8 +235,8 @@ async def _roundtrip(
             status = event.status_code
         elif isinstance(event, h11.Data):
             size += len(event.data)
-            if size > MAX_RESPONSE:
-                raise h11.RemoteProtocolError("response body over 256 KiB")
+            if size > limit:
+                raise h11.RemoteProtocolError(f"response body over {limit} bytes")
             chunks.append(bytes(event.data))
         elif isinstance(event, h11.EndOfMessage):
             return status, b"".join(chunks)

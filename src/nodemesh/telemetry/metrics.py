@@ -10,6 +10,13 @@ bounded: services come from the Consul catalog, status classes are five, and pas
 
 Histograms keep microseconds from 1 µs to 60 s at 3 significant digits, so any percentile is
 exact to 0.1 %, and their standard V2 encoding merges exactly across agents (``nodemesh stat``).
+
+A request is recorded into the current reporting interval's histogram only; ``cut`` hands
+the interval to the reporter, folds it into the series' past (one array addition in C) and
+starts a fresh one, so shipping intervals costs the hot path nothing.  ``Series.latency``, the
+cumulative view for ``/metrics`` and ``/stats.json``, is the past plus the open interval.  A
+fresh histogram is allocated rather than reset: reset walks every bucket in Python (~0.8 ms),
+allocation is ~0.1 ms, and only series that saw traffic need one.
 """
 
 from __future__ import annotations
@@ -39,7 +46,21 @@ class Series:
     peer: str  # outbound: the source identity; inbound: the client identity
     status: str  # "2xx" ... or "error" (no status: cut off or failed before a response)
     count: int = 0
-    latency: HdrHistogram = field(default_factory=new_histogram)
+    interval_count: int = 0
+    interval: HdrHistogram = field(default_factory=new_histogram)  # since the last cut
+    past: HdrHistogram = field(default_factory=new_histogram)  # every interval already cut
+
+    @property
+    def latency(self) -> HdrHistogram:
+        """Every latency recorded so far (a new histogram when both parts hold values)."""
+        if not self.interval_count:
+            return self.past
+        if not self.past.get_total_count():
+            return self.interval
+        h = new_histogram()
+        h.add(self.past)
+        h.add(self.interval)
+        return h
 
     def __repr__(self) -> str:
         return f"<Series {self.direction} {self.service} {self.peer} {self.status} n={self.count}>"
@@ -53,6 +74,18 @@ class TcpSeries:
     closed: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One series' requests during one reporting interval."""
+
+    direction: str
+    service: str
+    peer: str
+    status: str
+    count: int
+    latency: HdrHistogram
 
 
 class ByteCount:
@@ -73,6 +106,7 @@ class Recorder:
         self._series: dict[tuple[str, str, str, str], Series] = {}
         self._tcp: dict[tuple[str, str], TcpSeries] = {}
         self.overflowed = 0
+        self.reports_dropped = 0  # interval reports the controller will never see (reporter)
         self.started = time.time()
 
     def __repr__(self) -> str:
@@ -90,8 +124,23 @@ class Recorder:
             if s is None:
                 s = self._series[key] = Series(*key)
         s.count += 1
-        us = int(seconds * 1_000_000)
-        s.latency.record_value(min(max(us, LOWEST_US), HIGHEST_US))
+        s.interval_count += 1
+        s.interval.record_value(min(max(int(seconds * 1_000_000), LOWEST_US), HIGHEST_US))
+
+    def cut(self) -> list[Cut]:
+        """The interval's count and histogram of every series that saw requests since the last
+        cut; those series start a new interval.  Synchronous, so no request falls between the
+        read and the reset."""
+        out: list[Cut] = []
+        for s in self._series.values():
+            if s.interval_count:
+                out.append(
+                    Cut(s.direction, s.service, s.peer, s.status, s.interval_count, s.interval)
+                )
+                s.past.add(s.interval)
+                s.interval_count = 0
+                s.interval = new_histogram()
+        return out
 
     def tcp(self, direction: str, service: str) -> TcpSeries:
         key = (direction, service)

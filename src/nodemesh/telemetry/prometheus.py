@@ -78,5 +78,11 @@ def render(rec: Recorder, extra: Iterable[str] = ()) -> str:
     out.append("# HELP nodemesh_series_overflow_total Requests recorded in the overflow series.")
     out.append("# TYPE nodemesh_series_overflow_total counter")
     out.append(f"nodemesh_series_overflow_total {rec.overflowed}")
+    out.append(
+        "# HELP nodemesh_reports_dropped_total Interval reports dropped before the controller "
+        "accepted them (backlog full, or refused as malformed)."
+    )
+    out.append("# TYPE nodemesh_reports_dropped_total counter")
+    out.append(f"nodemesh_reports_dropped_total {rec.reports_dropped}")
     out.extend(extra)
     return "\n".join(out) + "\n"
