@@ -359,22 +359,27 @@ async def serve_stream(stream: H2Stream, route: AppRoute, head: Headers) -> None
         request = h11.Request(
             method=pseudo.get(b":method", b"GET"), target=pseudo.get(b":path", b"/"), headers=hdrs
         )
-        with upstream_errors():
-            await up.stream.send_all(up.conn.send(request))
-        async with trio.open_nursery() as nursery:
-            if has_body:
-                nursery.start_soon(_pump_h2_body, stream, up, st, nursery.cancel_scope)
-            else:
-                st.request_done = True
-                with upstream_errors():
-                    await up.stream.send_all(up.conn.send(h11.EndOfMessage()))
+        if not has_body:
+            # The common case: head and end in one write, no body task.
+            st.request_done = True
+            with upstream_errors():
+                await up.stream.send_all(up.conn.send(request) + up.conn.send(h11.EndOfMessage()))
             try:
                 await _relay_h11_response(up, stream, st)
-            except (NodemeshError, h11.ProtocolError) as e:
-                st.error = e if isinstance(e, NodemeshError) else UpstreamProtocolError(str(e))
-            nursery.cancel_scope.cancel()
-        if st.error is not None:
-            raise st.error
+            except h11.ProtocolError as e:
+                raise UpstreamProtocolError(str(e)) from None
+        else:
+            with upstream_errors():
+                await up.stream.send_all(up.conn.send(request))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_pump_h2_body, stream, up, st, nursery.cancel_scope)
+                try:
+                    await _relay_h11_response(up, stream, st)
+                except (NodemeshError, h11.ProtocolError) as e:
+                    st.error = e if isinstance(e, NodemeshError) else UpstreamProtocolError(str(e))
+                nursery.cancel_scope.cancel()
+            if st.error is not None:
+                raise st.error
         failed = not st.request_done
     except StreamError:
         route.record_status(0, time.perf_counter() - start)  # the calling agent went away

@@ -233,7 +233,14 @@ class H2Conn:
         self.name = name
         self.client = client
         self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=client, header_encoding=None)
+            h2.config.H2Configuration(
+                client_side=client,
+                header_encoding=None,
+                # Everything we send was validated on the way in (by h11 from apps, by h2's
+                # inbound checks, kept on, from peers): validating again is pure hot-path cost.
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
         )
         self.h2.local_settings = h2.settings.Settings(
             client=client,
