@@ -51,6 +51,17 @@ def parse_duration(v: Any) -> float:
     return float(m.group(1)) * _UNIT[m.group(2)]
 
 
+def parse_interval(v: Any) -> float:
+    """A reporting interval: a duration from 1 s to 5 m (the controller keeps 10 s slots)."""
+    try:
+        seconds = parse_duration(v)
+    except _Bad:
+        seconds = -1.0
+    if not 1.0 <= seconds <= 300.0:
+        raise _Bad('is not an interval from "1s" to "5m"')
+    return seconds
+
+
 def parse_addr(v: Any) -> tuple[str, int]:
     """``"127.0.0.1:4140"`` → ("127.0.0.1", 4140)."""
     if not isinstance(v, str) or ":" not in v:
@@ -181,6 +192,7 @@ AGENT_KEYS: Schema = {
     "controller.ca_file": (parse_path, "/etc/nodemesh/ca.pem"),
     "controller.join_token_file": (parse_path, "/etc/nodemesh/join-token"),
     "shutdown.grace": (parse_duration, "120s"),
+    "telemetry.interval": (parse_interval, "10s"),
     "log.level": (parse_level, "info"),
     "log.format": (parse_log_format, "console"),
 }
@@ -234,6 +246,7 @@ class AgentConfig:
     shutdown_grace: float
     log_level: str
     log_format: str
+    telemetry_interval: float
 
 
 @dataclass(frozen=True)
@@ -334,6 +347,7 @@ def agent_config_from_mapping(raw: Mapping[str, Any], source: str = "agent.toml"
         shutdown_grace=v["shutdown.grace"],
         log_level=v["log.level"],
         log_format=v["log.format"],
+        telemetry_interval=v["telemetry.interval"],
     )
 
 
