@@ -31,7 +31,12 @@ def top(
     consul: str,
 ) -> None:
     """Live traffic between services, full screen (s sort, f filter, q quit)."""
+    from nodemesh import log
     from nodemesh.top import screen  # curses only when the view runs
+
+    # Nothing may write to the terminal under the full-screen view: only errors, and those
+    # end the view anyway.
+    log.configure("error")
 
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         click.echo("nodemesh top: needs a terminal; use nodemesh stat or edges -o json", err=True)

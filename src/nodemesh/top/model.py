@@ -265,14 +265,14 @@ def lines(view: View, width: int, height: int) -> list[str]:
     if width <= 0 or height <= 0:
         return []
     rows = visible(view)
-    title = f"nodemesh top  sort: {view.sort}"
+    # A status (the controller is away) replaces the name, so even a narrow terminal shows it.
+    title = f"[{view.status}]" if view.status else "nodemesh top"
+    title += f"  sort: {view.sort}"
     if view.service:
         title += f"  filter: {view.service}"
     title += f"  rows: {len(rows)}"
     if view.prompt is not None:
         title = f"filter by service (Enter to apply, Esc to cancel): {view.prompt}"
-    elif view.status:
-        title += f"  [{view.status}]"
     help_ = "" if view.prompt is not None else "  s: sort  f: filter  q: quit"
     out = [(title + help_ if len(title) + len(help_) <= width else title)[:width]]
     table = [cells(r) for r in rows[: max(height - 2, 0)]]

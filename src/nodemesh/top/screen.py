@@ -15,11 +15,8 @@ from typing import Any
 
 import trio
 
-from nodemesh import log
 from nodemesh.errors import NodemeshError
 from nodemesh.top.model import View, lines, parse_rows, press
-
-_log = log.get("nodemesh.top")
 
 REFRESH = 1.0  # seconds between fetches; linkerd viz top refreshes about as often
 FETCH_TIMEOUT = 2.0  # seconds one fetch may take before the controller counts as unreachable
@@ -44,9 +41,8 @@ async def serve_fetches(
         try:
             with trio.fail_after(FETCH_TIMEOUT):
                 window, last = await fetch()
-        except (NodemeshError, trio.TooSlowError) as e:
-            if feed.view.status != UNREACHABLE:
-                _log.debug("top_fetch_failed", error=str(e))
+        except (NodemeshError, trio.TooSlowError):
+            # Shown on the title line; a log line would scribble over the full-screen view.
             feed.view = replace(feed.view, status=UNREACHABLE)
         else:
             feed.view = replace(feed.view, rows=parse_rows(window, last), status="")
