@@ -16,7 +16,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 from nodemesh.config import AgentConfig, parse_addr
 from nodemesh.errors import ConfigError
@@ -92,12 +91,8 @@ async def fetch_answer(
     if by not in BY:
         raise ValueError(f"by={by!r}: must be one of {', '.join(BY)}")
     client = ControllerClient(lambda: controller_addr, creds.roots_pem, join_token="")
-    query = urlencode({"window": window, "by": by, "direction": direction})
     try:
-        # The client's generic call: the metrics query is one GET with the node certificate.
-        answer = await client._call(
-            "GET", f"/v1/metrics?{query}", None, client_pair=(creds.chain_pem, creds.key_pem)
-        )
+        answer = await client.metrics(window, by, creds.chain_pem, creds.key_pem, direction)
     except ControllerRefused as e:
         if e.status == 400:  # names our own bad window/by: the operator must fix the flag
             raise ConfigError(f"controller refused the query: {e.message}") from None
