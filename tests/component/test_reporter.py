@@ -178,9 +178,9 @@ async def test_reports_wait_for_the_node_identity(
 
 
 def test_a_restart_never_reuses_a_seq(tmp_path: Path) -> None:
-    first = SeqFile(tmp_path)
+    first = SeqFile(tmp_path / "state")
     assert [first.take() for _ in range(3)] == [0, 1, 2]
-    assert SeqFile(tmp_path).take() == 3
+    assert SeqFile(tmp_path / "state").take() == 3
 
 
 def test_a_corrupt_seq_file_names_itself(tmp_path: Path) -> None:

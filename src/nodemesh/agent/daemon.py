@@ -38,6 +38,7 @@ from nodemesh.inbound.server import Inbound
 from nodemesh.outbound.server import Outbound
 from nodemesh.proxy.http1 import IdleSet
 from nodemesh.telemetry.metrics import Recorder
+from nodemesh.telemetry.reporter import serve_reporter
 from nodemesh.transport.listen import open_listener, serve_listener
 
 _log = log.get("nodemesh.agent")
@@ -151,6 +152,20 @@ async def serve_agent(
         agent.on_snapshot.append(lambda _snap: store.poke())
         _log.info("identity_starting", node=str(agent.node_identity))
         await root.start(serve_identities, store, controller, lambda: set(agent.snapshot.local))
+
+        def node_pair() -> tuple[bytes, bytes] | None:
+            held = store.held(agent.node_identity)
+            return None if held is None else (held.chain_pem, held.key_pem)
+
+        await root.start(
+            serve_reporter,
+            agent.recorder,
+            controller,
+            agent.node_identity.uri,
+            node_pair,
+            cfg.state_dir,
+            cfg.telemetry_interval,
+        )
         await root.start(outbound.mux.serve)
         await root.start(inbound.h2apps.serve)
         root.start_soon(inbound.pool.serve_reaper)

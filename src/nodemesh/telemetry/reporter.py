@@ -114,6 +114,9 @@ class SeqFile:
         seq = self.next
         tmp = self.path.with_name(f".{SEQ_FILE}.tmp")
         try:
+            # The identity store makes state_dir when it first persists a key, which may be
+            # after the first cut when the controller is away.
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp.write_text(f"{seq + 1}\n")
             os.replace(tmp, self.path)
         except OSError as e:
