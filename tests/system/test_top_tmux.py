@@ -106,7 +106,7 @@ def test_rows_keys_resize_outage_and_quit(top: tuple[Tmux, FakeController, Path]
     screen = tmux.wait("the edge rows", lambda s: _has_table(s) and len(_rows(s)) == 3)
     assert "sort: count" in screen[0]
     # Sorted by count: shop->web 1100, load->shop 600, plaintext->web 100.
-    assert _rows(screen) == [("shop", "web"), ("load", "shop"), ("(plaintext)", "web")]
+    assert _rows(screen) == [("shop", "web"), ("load", "shop"), ("unknown", "web")]
     web = next(line for line in screen if line.startswith("shop "))
     assert web.split()[4:] == ["1100", "0.3ms", "12.0ms", "0.8ms", "99.09%"]
 
@@ -114,13 +114,13 @@ def test_rows_keys_resize_outage_and_quit(top: tuple[Tmux, FakeController, Path]
     tmux.wait("sort: worst", lambda s: "sort: worst" in s[0])
     tmux("send-keys", "-t", tmux.session, "s")  # best: load (1.0ms) before shop (0.3ms)
     screen = tmux.wait("sort: best", lambda s: "sort: best" in s[0])
-    assert _rows(screen) == [("load", "shop"), ("shop", "web"), ("(plaintext)", "web")]
+    assert _rows(screen) == [("load", "shop"), ("shop", "web"), ("unknown", "web")]
 
     tmux("send-keys", "-t", tmux.session, "f")
     tmux.wait("the filter prompt", lambda s: s[0].startswith("filter by service"))
     tmux("send-keys", "-t", tmux.session, "web", "Enter")
     screen = tmux.wait("the web filter", lambda s: "filter: web" in s[0] and len(_rows(s)) == 2)
-    assert _rows(screen) == [("shop", "web"), ("(plaintext)", "web")]
+    assert _rows(screen) == [("shop", "web"), ("unknown", "web")]
 
     tmux("resize-window", "-t", tmux.session, "-x", "50", "-y", "12")
     screen = tmux.wait("a narrow table", lambda s: _has_table(s) and "Method" not in s[1])

@@ -32,11 +32,11 @@ def fixture_rows() -> tuple[TopRow, ...]:
 
 def test_rows_from_edge_answers() -> None:
     got = {(r.source, r.destination): r for r in fixture_rows()}
-    assert set(got) == {("shop", "web"), ("load", "shop"), ("(plaintext)", "web")}
+    assert set(got) == {("shop", "web"), ("load", "shop"), ("unknown", "web")}
     web = got[("shop", "web")]
     assert (web.count, web.best_ms, web.worst_ms, web.last_ms) == (1100, 0.312, 12.031, 0.79)
     assert web.success == pytest.approx(1090 / 1100)
-    plain = got[("(plaintext)", "web")]
+    plain = got[("unknown", "web")]
     assert plain.best_ms is None  # no min in that row
     assert plain.last_ms is None  # no traffic in the newest slot
 
@@ -141,7 +141,7 @@ def test_lines_at_full_width() -> None:
     assert out[1].split() == " ".join(HEADERS).split()
     assert out[2].split() == ["shop", "web", "-", "-", "1100", "0.3ms", "12.0ms", "0.8ms", "99.09%"]
     assert out[3].split()[:2] == ["load", "shop"]
-    assert out[4].split()[:2] == ["(plaintext)", "web"]
+    assert out[4].split()[:2] == ["unknown", "web"]
     assert len(out) == 5
 
 

@@ -89,7 +89,7 @@ def _edge(d: Any) -> tuple[str, str] | None:
 def _name(identity: str) -> str:
     """A caller is shown by its service name; one without an identity was not mTLS."""
     ident = spiffe.parse(identity)
-    return ident.name if ident is not None else (identity or "(plaintext)")
+    return ident.name if ident is not None else (identity or "unknown")
 
 
 def parse_rows(window: Sequence[Any], last: Sequence[Any] = ()) -> tuple[TopRow, ...]:
