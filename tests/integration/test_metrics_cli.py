@@ -152,3 +152,11 @@ def test_missing_certificate_names_the_file(tmp_path: Path) -> None:
     out = run("edges", "--controller", "127.0.0.1:1", "--config", str(tmp_path / "none.toml"))
     assert out.returncode == 64
     assert "none.toml: no such file; pass --ca-file and --cert" in out.stderr
+
+
+def test_stat_watch_asks_again_each_time(controller: tuple[FakeController, Files]) -> None:
+    fake, files = controller
+    out = run("stat", "--watch", "0.2", "--count", "3", *flags(fake, files))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("NAME ") == 3
+    assert len(fake.queries) == 3

@@ -184,6 +184,7 @@ def stat(
         shown += 1
         if interval <= 0 or (count and shown >= count):
             return
+        click.echo()  # tables apart when the output is a log, not a cleared screen
         time.sleep(interval)
         try:
             rows = fetch(target[0], window, _BY[kind], target[1])
