@@ -152,3 +152,34 @@ async def test_peer_garbage_ends_the_connection_not_the_process(nursery: trio.Nu
     # The server said GOAWAY (PROTOCOL_ERROR) before giving up.
     data = await a.receive_some(65536)
     assert data and b"\x07" in data[:200]
+
+
+async def test_streams_dropped_with_unread_data_give_the_window_back(nursery: trio.Nursery) -> None:
+    # Each response sends half the connection window; the client drops each stream unread.
+    # Unread data counts against the *connection* window until acknowledged: without crediting
+    # it back, two such streams would stall every later body on the connection for good.
+    half = INITIAL_WINDOW // 2
+
+    async def big(stream: H2Stream) -> None:
+        await stream.next_event()
+        await stream.send_headers([(b":status", b"200")])
+        await stream.send_data(b"x" * half, end=True)
+
+    client = await _pair(nursery, big)
+    window = client.h2._inbound_flow_control_window_manager
+    for _ in range(2):
+        s = client.open_stream()
+        await s.send_headers(REQ, end=True)
+        assert (await s.next_event())[0] == "headers"
+        with trio.fail_after(5):
+            while not s.ended_remote:  # the whole body arrived, unread
+                await trio.sleep(0.01)
+        s.reset()
+    await trio.sleep(0.1)
+    assert window.current_window_size >= half, window.current_window_size
+    s = client.open_stream()
+    await s.send_headers(REQ, end=True)
+    await s.next_event()
+    with trio.fail_after(5):
+        body, _ = await _body(s)
+    assert len(body) == half

@@ -121,6 +121,8 @@ class H2Stream:
         if self._unacked:
             n, self._unacked = self._unacked, 0
             await self._conn.acknowledge(self.id, n)
+        if self.failure is not None and not self._events.statistics().current_buffer_used:
+            raise self.failure  # reset locally: nothing more will ever arrive
         ev = await self._events.receive()
         kind = ev[0]
         if kind == "data":
@@ -175,7 +177,24 @@ class H2Stream:
                 self._conn.h2.reset_stream(self.id, code)
             self._conn.wake_flush()
         self.failure = self.failure or StreamError("stream cancelled", code=code)
+        self._release_window()
         self._conn.forget(self)
+
+    def _release_window(self) -> None:
+        """Acknowledge data received but never to be read.  Until acknowledged it counts against
+        the *connection* window too: streams dropped unread would starve every later stream."""
+        n, self._unacked = self._unacked, 0
+        while True:
+            try:
+                ev = self._events.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if ev[0] == "data":
+                n += ev[2]
+        if n and self._conn.alive:
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self._conn.h2.acknowledge_received_data(n, self.id)
+            self._conn.wake_flush()
 
     def _check(self) -> None:
         if self.failure is not None:
@@ -208,6 +227,7 @@ class H2Stream:
         if self.failure is None:
             self.failure = err
         self._window.set()
+        self._release_window()  # the stream is dead: what it held is never read
         self._inbox.send_nowait(
             ("reset", err.code) if err.code is not None else ("lost", err.detail)
         )
