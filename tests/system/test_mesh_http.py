@@ -124,6 +124,22 @@ def test_request_travels_through_both_agents(lab: Lab) -> None:
     assert _metric(metrics, "nodemesh_requests_total", direction="outbound", service="web") >= 1
 
 
+def test_metrics_are_valid_for_the_prometheus_parser(lab: Lab) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    lab.wait_http("h1", _web(lab))
+    text = lab.curl("ctl", lab.admin_url("h1", "/metrics")).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = families["nodemesh_requests"]
+    assert requests.type == "counter"
+    assert any(s.labels.get("service") == "web" and s.value >= 1 for s in requests.samples)
+    latency = families["nodemesh_request_duration_seconds"]
+    assert latency.type == "summary"
+    quantiles = {s.labels.get("quantile") for s in latency.samples if "quantile" in s.labels}
+    assert {"0.5", "0.99"} <= quantiles
+    assert families["nodemesh_ready"].samples[0].value == 1
+
+
 def test_requests_are_balanced_over_every_healthy_instance(lab: Lab) -> None:
     # The app always dials h2's address; under concurrent load the mesh spreads the calls over
     # h2 and h3 (peak-EWMA cost grows with requests in flight).  Sequential calls go to

@@ -166,6 +166,7 @@ def test_merged_percentiles_equal_one_histogram_fed_every_value() -> None:
         "p95": everything.get_value_at_percentile(95),
         "p99": everything.get_value_at_percentile(99),
         "p999": everything.get_value_at_percentile(99.9),
+        "min": everything.get_min_value(),
         "max": everything.get_max_value(),
     }
     assert r["latency_us"] == want
@@ -215,6 +216,7 @@ def test_group_by_route_edge_host_and_success() -> None:
     assert row(edges, f"{cron} -> web")["key"] == {"src": cron, "dst": "web"}
     assert row(edges, f"{cron} -> web")["requests"] == 4
     assert row(edges, f"{api} -> web")["latency_us"]["max"] == 40
+    assert row(edges, f"{api} -> web")["latency_us"]["min"] <= 40
 
     hosts = fleet.query(now, 60, "host")
     assert row(hosts, "n1")["requests"] == 7 and row(hosts, "n2")["requests"] == 1

@@ -411,7 +411,10 @@ class _Row:
                 name: (int(h.get_value_at_percentile(p)) if has else None)
                 for name, p in (("p50", 50.0), ("p95", 95.0), ("p99", 99.0), ("p999", 99.9))
             }
-            | {"max": int(h.get_max_value()) if has else None},
+            | {
+                "min": int(h.get_min_value()) if has else None,
+                "max": int(h.get_max_value()) if has else None,
+            },
             "tcp": (
                 dict(zip(("opened", "closed", "bytes_in", "bytes_out"), self.tcp, strict=True))
                 if by in ("service", "host")
