@@ -95,6 +95,7 @@ async def test_reports_survive_a_controller_outage_counted_once(
             "p95": whole.get_value_at_percentile(95),
             "p99": whole.get_value_at_percentile(99),
             "p999": whole.get_value_at_percentile(99.9),
+            "min": whole.get_min_value(),
             "max": whole.get_max_value(),
         }
         first_life.cancel_scope.cancel()
