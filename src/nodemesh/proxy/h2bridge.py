@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from functools import partial
 from http import HTTPStatus
 from typing import Protocol
 
@@ -38,7 +39,7 @@ from nodemesh.errors import (
     UpstreamProtocolError,
 )
 from nodemesh.protocol.http1 import ERROR_HEADER, MESH_PREFIX, forward_headers, header
-from nodemesh.proxy.http1 import _has_body, next_event, respond_error
+from nodemesh.proxy.http1 import _has_body, next_event, pump_beside_relay, respond_error
 from nodemesh.proxy.pool import Upstream
 from nodemesh.transport.edges import IO_ERRORS, downstream_errors, upstream_errors
 from nodemesh.transport.h2conn import H2Stream, Headers, StreamError
@@ -114,15 +115,12 @@ async def forward_over_h2(
         st = _State()
         try:
             if has_body:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_pump_h1_body, ds, dstream, stream, st, nursery.cancel_scope)
-                    try:
-                        await _relay_h2_response(ds, dstream, stream, st)
-                    except (NodemeshError, h11.ProtocolError) as e:
-                        st.error = e if isinstance(e, NodemeshError) else BadRequest(str(e))
-                    nursery.cancel_scope.cancel()
-                if st.error is not None:
-                    raise st.error
+                await pump_beside_relay(
+                    partial(_pump_h1_body, ds, dstream, stream, st),
+                    partial(_relay_h2_response, ds, dstream, stream, st),
+                    st,
+                    BadRequest,
+                )
             else:
                 st.request_done = True
                 await _relay_h2_response(ds, dstream, stream, st)
@@ -371,15 +369,12 @@ async def serve_stream(stream: H2Stream, route: AppRoute, head: Headers) -> None
         else:
             with upstream_errors():
                 await up.stream.send_all(up.conn.send(request))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_pump_h2_body, stream, up, st, nursery.cancel_scope)
-                try:
-                    await _relay_h11_response(up, stream, st)
-                except (NodemeshError, h11.ProtocolError) as e:
-                    st.error = e if isinstance(e, NodemeshError) else UpstreamProtocolError(str(e))
-                nursery.cancel_scope.cancel()
-            if st.error is not None:
-                raise st.error
+            await pump_beside_relay(
+                partial(_pump_h2_body, stream, up, st),
+                partial(_relay_h11_response, up, stream, st),
+                st,
+                UpstreamProtocolError,
+            )
         failed = not st.request_done
     except StreamError:
         route.record_status(0, time.perf_counter() - start)  # the calling agent went away

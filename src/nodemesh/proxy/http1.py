@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
+from functools import partial
 from typing import Protocol
 
 import h11
@@ -331,16 +332,41 @@ async def _exchange(
     except h11.RemoteProtocolError as e:
         raise BadRequest(f"malformed request body: {e}") from None
 
+    await pump_beside_relay(
+        partial(_pump_body, ds, dstream, up, ex),
+        partial(_relay_response, ds, dstream, up, ex),
+        ex,
+        UpstreamProtocolError,
+    )
+
+
+class ErrorSlot(Protocol):
+    error: NodemeshError | None
+
+
+async def pump_beside_relay(
+    pump: Callable[[trio.CancelScope], Awaitable[None]],
+    relay: Callable[[], Awaitable[None]],
+    state: ErrorSlot,
+    protocol_error: Callable[[str], NodemeshError],
+) -> None:
+    """Send a request body (``pump``) while its response comes back (``relay``).
+
+    The pump records its own failure in ``state.error`` and cancels the scope it is handed; a
+    relay failure lands there too (an h11 protocol error as ``protocol_error``).  When the
+    response has finished (or failed), a body still being sent is abandoned.  Then the recorded
+    error, if any, is raised.  Every proxy direction (h11 to h11, h11 to h2, h2 to h11) runs its
+    exchange through here.
+    """
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_pump_body, ds, dstream, up, ex, nursery.cancel_scope)
+        nursery.start_soon(pump, nursery.cancel_scope)
         try:
-            await _relay_response(ds, dstream, up, ex)
+            await relay()
         except (NodemeshError, h11.ProtocolError) as e:
-            ex.error = e if isinstance(e, NodemeshError) else UpstreamProtocolError(str(e))
-        # Response finished (or failed): a body still being sent is abandoned.
+            state.error = e if isinstance(e, NodemeshError) else protocol_error(str(e))
         nursery.cancel_scope.cancel()
-    if ex.error is not None:
-        raise ex.error
+    if state.error is not None:
+        raise state.error
 
 
 async def _pump_body(
