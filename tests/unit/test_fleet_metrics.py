@@ -28,6 +28,7 @@ def series(
     peer: str = "spiffe://nodemesh.local/dc/dc1/svc/api",
     route: str = "",
     direction: str = "inbound",
+    endpoint: str | None = None,
 ) -> dict[str, Any]:
     labels = {
         "direction": direction,
@@ -36,6 +37,8 @@ def series(
         "status": status,
         "route": route,
     }
+    if endpoint is not None:
+        labels["endpoint"] = endpoint
     return {"labels": labels, "count": len(values), "hdr": hdr(values)}
 
 
@@ -208,9 +211,9 @@ def test_group_by_route_edge_host_and_success() -> None:
     assert [r["name"] for r in fleet.query(now, 60, "service")["rows"]] == ["web"]
 
     routes = fleet.query(now, 60, "route")
-    assert row(routes, "web//users")["key"] == {"service": "web", "route": "/users"}
-    assert row(routes, "web//users")["requests"] == 4
-    assert row(routes, "web/")["requests"] == 1
+    assert row(routes, "web /users")["key"] == {"service": "web", "route": "/users"}
+    assert row(routes, "web /users")["requests"] == 4
+    assert row(routes, "web [default]")["requests"] == 1
 
     edges = fleet.query(now, 60, "edge")
     assert row(edges, f"{cron} -> web")["key"] == {"src": cron, "dst": "web"}
@@ -223,6 +226,26 @@ def test_group_by_route_edge_host_and_success() -> None:
     out = fleet.query(now, 60, "service", direction="outbound")
     assert row(out, "db")["requests"] == 1
     assert out["agents"] == 2
+
+
+def test_edge_routes_and_the_outbound_endpoint_host() -> None:
+    fleet = FleetMetrics()
+    api = "spiffe://nodemesh.local/dc/dc1/svc/api"
+    items = [
+        series([10, 20], route="GET /users/{id}", direction="outbound", endpoint="n7"),
+        series([30], route="GET /users/{id}", direction="outbound", endpoint="n8"),
+        series([40], route="[default]", direction="outbound", endpoint="n8"),
+    ]
+    ingest(fleet, report(0, T0 + 10, items), T0 + 10)
+    now = T0 + 10
+    er = fleet.query(now, 60, "edge_route", direction="outbound")
+    users = row(er, f"{api} -> web GET /users/{{id}}")
+    assert users["key"] == {"src": api, "dst": "web", "route": "GET /users/{id}"}
+    assert users["requests"] == 3
+    assert row(er, f"{api} -> web [default]")["requests"] == 1
+    # Outbound rows by host are the hosts that served, not the one that reported.
+    hosts = fleet.query(now, 60, "host", direction="outbound")
+    assert sorted((r["name"], r["requests"]) for r in hosts["rows"]) == [("n7", 2), ("n8", 2)]
 
 
 def test_empty_window_answers_no_rows() -> None:
@@ -285,6 +308,7 @@ def test_parse_a_good_report() -> None:
         "web",
         "spiffe://nodemesh.local/dc/dc1/svc/api",
         "2xx",
+        "[default]",  # no route: the agent's default route
         "",
     )
 

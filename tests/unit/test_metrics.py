@@ -55,7 +55,7 @@ def test_one_series_per_label_set() -> None:
     }
     assert repr(rec) == "<Recorder series=5 tcp=0>"
     s = next(s for s in rec.series() if s.status == "5xx")
-    assert repr(s) == "<Series outbound web shop 5xx n=1>"
+    assert repr(s) == "<Series outbound web shop [default]  5xx n=1>"
 
 
 def test_latency_in_microseconds() -> None:

@@ -20,6 +20,7 @@ from nodemesh.top.model import (
     parse_rows,
     press,
     sort_rows,
+    split_route,
 )
 from tests.fixtures.controller import rows
 
@@ -39,6 +40,35 @@ def test_rows_from_edge_answers() -> None:
     plain = got[("unknown", "web")]
     assert plain.best_ms is None  # no min in that row
     assert plain.last_ms is None  # no traffic in the newest slot
+
+
+@pytest.mark.parametrize(
+    ("route", "shown"),
+    [
+        ("GET /users/{id}", ("GET", "/users/{id}")),
+        ("POST /orders", ("POST", "/orders")),
+        ("[default]", ("*", "[default]")),
+        ("health", ("*", "health")),
+        ("get /x", ("*", "get /x")),
+        ("GET ", ("*", "GET ")),
+        ("", ("", "")),
+    ],
+)
+def test_split_route(route: str, shown: tuple[str, str]) -> None:
+    assert split_route(route) == shown
+
+
+def test_rows_carry_the_route_as_method_and_path() -> None:
+    key = {"src": f"{TD}/svc/shop", "dst": "web"}
+    window = [
+        {"key": key | {"route": "GET /users/{id}"}, "requests": 7},
+        {"key": key | {"route": "[default]"}, "requests": 2},
+    ]
+    last = [{"key": key | {"route": "[default]"}, "requests": 1, "latency_us": {"p50": 900}}]
+    got = {r.path: r for r in parse_rows(window, last)}
+    assert (got["/users/{id}"].method, got["/users/{id}"].count) == ("GET", 7)
+    assert got["/users/{id}"].last_ms is None  # the newest slot had none of that route
+    assert (got["[default]"].method, got["[default]"].last_ms) == ("*", 0.9)
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,8 @@ def stats(agent: AgentState) -> dict[str, object]:
                 "direction": s.direction,
                 "service": s.service,
                 "peer": s.peer,
+                "route": s.route,
+                "endpoint": s.endpoint,
                 "status": s.status,
                 "count": s.count,
                 "hdr": s.latency.encode().decode("ascii"),

@@ -30,7 +30,7 @@ from nodemesh.agent.state import AgentState
 from nodemesh.config import AgentConfig
 from nodemesh.discovery.consul import ConsulClient, ConsulUnavailable, http_check
 from nodemesh.discovery.snapshot import AGENT_SERVICE
-from nodemesh.discovery.watch import CatalogWatch
+from nodemesh.discovery.watch import CatalogWatch, RoutesWatch
 from nodemesh.errors import NodemeshError
 from nodemesh.identity.client import ControllerClient, ControllerUnavailable
 from nodemesh.identity.store import IdentityStore, serve_identities
@@ -149,6 +149,7 @@ async def serve_agent(
         watch = CatalogWatch(consul, cfg.node, agent.publish)
         _log.info("consul_watch_starting", consul=f"{cfg.consul_addr[0]}:{cfg.consul_addr[1]}")
         await root.start(watch.serve)
+        await root.start(RoutesWatch(consul, agent.publish_routes).serve)
         agent.on_snapshot.append(lambda _snap: store.poke())
         _log.info("identity_starting", node=str(agent.node_identity))
         await root.start(serve_identities, store, controller, lambda: set(agent.snapshot.local))

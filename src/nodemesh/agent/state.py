@@ -1,8 +1,9 @@
 """What the agent's servers share: config, the current catalog snapshot, identities, pools.
 
-The snapshot is replaced whole by the discovery watch and read by reference on the hot path;
-balancers are created lazily per service and refreshed when the snapshot's endpoint tuple for
-that service is a different object (an identity check, not a comparison).
+The snapshot and the route tables are replaced whole by the discovery watches and read by
+reference on the hot path; balancers are created lazily per service and refreshed when the
+snapshot's endpoint tuple for that service is a different object (an identity check, not a
+comparison).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 import trio
 
 from nodemesh.config import AgentConfig
+from nodemesh.discovery.routes import RouteTable
 from nodemesh.discovery.snapshot import Endpoint, Snapshot
 from nodemesh.identity import spiffe
 from nodemesh.identity.spiffe import SpiffeId
@@ -26,6 +28,7 @@ class AgentState:
         self.identities = identities
         self.recorder = recorder
         self.snapshot = Snapshot(local_node=cfg.node)
+        self.routes: dict[str, RouteTable] = {}  # replaced whole by the routes watch
         self.snapshot_ready = trio.Event()
         self.listeners_ready = trio.Event()
         self.draining = False
@@ -45,6 +48,9 @@ class AgentState:
         for cb in self.on_snapshot:
             cb(snap)
         self.snapshot_ready.set()
+
+    def publish_routes(self, tables: dict[str, RouteTable]) -> None:
+        self.routes = tables
 
     def balancer(self, service: str) -> Balancer[Endpoint]:
         eps = self.snapshot.endpoints.get(service, ())

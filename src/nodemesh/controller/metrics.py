@@ -33,7 +33,13 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 
 from nodemesh.identity import spiffe
-from nodemesh.telemetry.metrics import DIGITS, HIGHEST_US, LOWEST_US, new_histogram
+from nodemesh.telemetry.metrics import (
+    DEFAULT_ROUTE,
+    DIGITS,
+    HIGHEST_US,
+    LOWEST_US,
+    new_histogram,
+)
 
 SLOT_S = 10  # seconds per slot; the agents' default interval
 RETENTION_S = 3600 + SLOT_S  # one full hour of windows, plus the slot being filled
@@ -45,13 +51,13 @@ MAX_HDR_CHARS = 64 * 1024  # one series' encoding; a full 3-digit histogram comp
 DIRECTIONS = ("inbound", "outbound")
 STATUSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "error")
 FAILED = ("5xx", "error")
-GROUPS = ("service", "route", "edge", "host")
-_LABEL = re.compile(r"[\x21-\x7e]{0,256}")  # printable, bounded: labels end up in terminals
+GROUPS = ("service", "route", "edge", "edge_route", "host")
+_LABEL = re.compile(r"[\x20-\x7e]{0,256}")  # printable, bounded: labels end up in terminals
 _WINDOW = re.compile(r"^(\d+)(s|m|h)$")
 _UNIT = {"s": 1, "m": 60, "h": 3600}
 
-# direction, service, peer, status, route
-Labels = tuple[str, str, str, str, str]
+# direction, service, peer, status, route, endpoint (outbound: the node that served; else "")
+Labels = tuple[str, str, str, str, str, str]
 
 
 class BadReport(ValueError):
@@ -149,7 +155,8 @@ def _series(s: Any, where: str) -> SeriesReport:
     if not service:
         raise BadReport(f"{where}.labels.service is empty")
     peer = _str(lab, "peer", f"{where}.labels.peer")
-    route = _str(lab, "route", f"{where}.labels.route")
+    route = _str(lab, "route", f"{where}.labels.route") or DEFAULT_ROUTE
+    endpoint = _str(lab, "endpoint", f"{where}.labels.endpoint")
     count = _int(s, "count", f"{where}.count")
     hdr = s.get("hdr")
     if not isinstance(hdr, str) or not 0 < len(hdr) <= MAX_HDR_CHARS:
@@ -161,7 +168,8 @@ def _series(s: Any, where: str) -> SeriesReport:
         raise BadReport(
             f"{where}.count = {count} but its histogram holds {h.get_total_count()} values"
         )
-    return SeriesReport((direction, service, peer, status, route), count, hdr.encode("ascii"))
+    labels = (direction, service, peer, status, route, endpoint)
+    return SeriesReport(labels, count, hdr.encode("ascii"))
 
 
 def _tcp(t: Any, where: str) -> TcpReport:
@@ -364,19 +372,23 @@ _KEY_NAMES = {
     "service": ("service",),
     "route": ("service", "route"),
     "edge": ("src", "dst"),
+    "edge_route": ("src", "dst", "route"),
     "host": ("host",),
 }
 
 
 def _key(by: str, host: str, labels: Labels) -> tuple[str, ...]:
-    _, service, peer, _, route = labels
+    _, service, peer, _, route, endpoint = labels
     if by == "service":
         return (service,)
     if by == "route":
         return (service, route)
     if by == "edge":
         return (peer, service)
-    return (host,)
+    if by == "edge_route":
+        return (peer, service, route)
+    # The host that served: the reporting agent's own for inbound, the endpoint for outbound.
+    return (endpoint or host,)
 
 
 @dataclass
@@ -401,7 +413,7 @@ class _Row:
         successes = self.requests - self.failures
         return {
             "key": dict(zip(_KEY_NAMES[by], key, strict=True)),
-            "name": (" -> " if by == "edge" else "/").join(key),
+            "name": _name(by, key),
             "hosts": len(self.hosts),
             "requests": self.requests,
             "successes": successes,
@@ -421,6 +433,14 @@ class _Row:
                 else {}
             ),
         }
+
+
+def _name(by: str, key: tuple[str, ...]) -> str:
+    if by == "edge":
+        return " -> ".join(key)
+    if by == "edge_route":
+        return f"{key[0]} -> {key[1]} {key[2]}"
+    return " ".join(key)
 
 
 def merged(hdrs: Iterable[bytes]) -> HdrHistogram:

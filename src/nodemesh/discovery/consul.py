@@ -76,6 +76,13 @@ class ConsulClient:
         )
         return _index(idx), data
 
+    async def kv_tree(self, prefix: str, index: int = 0) -> tuple[int, Any]:
+        """Every KV entry under ``prefix`` (None when there is none), blocking."""
+        idx, data = await self._call(
+            lambda c: c.kv.get(prefix, index=index or None, wait=WATCH_WAIT, recurse=True)
+        )
+        return _index(idx), data
+
     async def node(self, node: str) -> dict[str, Any] | None:
         """``/v1/catalog/node/<node>``: the node's address and services, or None if unknown."""
         _, data = await self._call(lambda c: c.catalog.node(node))

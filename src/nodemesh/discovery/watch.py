@@ -11,6 +11,9 @@ rebuilds the snapshot (pure, ``snapshot.build``) and hands it to ``publish``.
 When Consul is unreachable every watch backs off (1 s doubling to 15 s, jittered) and the last
 published snapshot stays in force: the data path keeps routing to the last known endpoints.
 Consul's index rules: an index that goes backwards resets to 0; an index of 0 is never sent.
+
+``RoutesWatch`` holds one more blocking query, on the KV tree ``nodemesh/routes/``, and publishes
+every service's route table (``discovery/routes.py``) whenever it changes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import trio
 
 from nodemesh import log
+from nodemesh.discovery import routes
 from nodemesh.discovery.consul import ConsulClient, ConsulUnavailable
 from nodemesh.discovery.snapshot import Snapshot, build
 
@@ -120,3 +124,48 @@ class CatalogWatch:
         self.consul_ok = False
         await trio.sleep(backoff * random.uniform(0.75, 1.25))
         return min(backoff * 2, BACKOFF_MAX)
+
+
+class RoutesWatch:
+    """Route tables from ``nodemesh/routes/<service>``; the last good ones stay while Consul is
+    away, and an empty tree means every request is ``[default]``."""
+
+    def __init__(
+        self, client: ConsulClient, publish: Callable[[dict[str, routes.RouteTable]], None]
+    ) -> None:
+        self._client = client
+        self._publish = publish
+
+    def __repr__(self) -> str:
+        return f"<RoutesWatch {self._client!r}>"
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        index = 0
+        backoff = BACKOFF_MIN
+        last: Any = object()
+        started = False
+        while True:
+            try:
+                new_index, entries = await self._client.kv_tree(routes.PREFIX, index)
+            except ConsulUnavailable as e:
+                _log.warning("consul_unreachable", error=str(e), retry_in=round(backoff, 1))
+                if not started:  # start without tables rather than wait for Consul
+                    started = True
+                    task_status.started()
+                await trio.sleep(backoff * random.uniform(0.75, 1.25))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = BACKOFF_MIN
+            if new_index == 0:  # no index: a blocking query could not block; do not spin
+                await trio.sleep(BACKOFF_MIN)
+            index = 0 if new_index < index else new_index
+            if entries != last:
+                last = entries
+                tables, rejected = routes.build(entries)
+                for reason in rejected:
+                    _log.warning("route_rejected", reason=reason)
+                self._publish(tables)
+                _log.info("routes_updated", services=sorted(tables))
+            if not started:
+                started = True
+                task_status.started()

@@ -24,6 +24,7 @@ import trio
 
 from nodemesh import log
 from nodemesh.agent.state import AgentState
+from nodemesh.discovery.routes import classify
 from nodemesh.errors import BadRequest, Forbidden, ProxyError
 from nodemesh.identity.spiffe import SpiffeId
 from nodemesh.identity.tls import peer_identity
@@ -196,7 +197,9 @@ class InboundRoute:
             await self._in.pool.release(up)
 
     def record(self, req: h11.Request, status: int, elapsed: float) -> None:
-        self._in.agent.recorder.request("inbound", self.service, self._client.name, status, elapsed)
+        agent = self._in.agent
+        route = classify(agent.routes, self.service, req.method, req.target)
+        agent.recorder.request("inbound", self.service, self._client.name, status, elapsed, route)
 
     # -- HTTP/2 streams from peer agents (``proxy.h2bridge.AppRoute``) --------------------------
 
@@ -207,12 +210,16 @@ class InboundRoute:
         if pseudo.get(b":method") == b"CONNECT":
             await self.tunnel_h2(stream, pseudo.get(b":authority"))
         elif header(regular, PROTO_HEADER) == b"h2":
-            await self.relay_h2_to_app(stream, head, regular)
+            await self.relay_h2_to_app(stream, head, pseudo, regular)
         else:
             await serve_stream(stream, self, head)
 
     async def relay_h2_to_app(
-        self, stream: H2Stream, head: list[tuple[bytes, bytes]], regular: list[tuple[bytes, bytes]]
+        self,
+        stream: H2Stream,
+        head: list[tuple[bytes, bytes]],
+        pseudo: dict[bytes, bytes],
+        regular: list[tuple[bytes, bytes]],
     ) -> None:
         """The caller's app spoke HTTP/2 (h2c, gRPC): speak HTTP/2 to this app too."""
         start = time.perf_counter()
@@ -222,11 +229,11 @@ class InboundRoute:
             out = [*mesh_free(head), (CLIENT_ID_HEADER, self._client.uri.encode())]
             await app.send_headers(out, end=stream.head_ended)
         except ProxyError as e:
-            self.record_status(e.status, time.perf_counter() - start)
+            self.record_status(e.status, time.perf_counter() - start, pseudo)
             await answer_error(stream, e)
             return
         status = await relay_streams(stream, app, request_open=not stream.head_ended)
-        self.record_status(status, time.perf_counter() - start)
+        self.record_status(status, time.perf_counter() - start, pseudo)
 
     async def open_app(
         self, pseudo: dict[bytes, bytes], regular: list[tuple[bytes, bytes]]
@@ -234,8 +241,10 @@ class InboundRoute:
         up = await self._in.pool.acquire(self.target_of(header(regular, DST_HEADER)))
         return up, [(CLIENT_ID_HEADER, self._client.uri.encode())]
 
-    def record_status(self, status: int, elapsed: float) -> None:
-        self._in.agent.recorder.request("inbound", self.service, self._client.name, status, elapsed)
+    def record_status(self, status: int, elapsed: float, pseudo: dict[bytes, bytes]) -> None:
+        agent = self._in.agent
+        route = classify(agent.routes, self.service, pseudo.get(b":method"), pseudo.get(b":path"))
+        agent.recorder.request("inbound", self.service, self._client.name, status, elapsed, route)
 
     async def tunnel_h2(self, stream: H2Stream, authority: bytes | None) -> None:
         """A CONNECT stream: answer 200 once the app is connected, then carry bytes."""

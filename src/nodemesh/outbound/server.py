@@ -28,6 +28,7 @@ import trio
 
 from nodemesh import log
 from nodemesh.agent.state import AgentState
+from nodemesh.discovery.routes import classify
 from nodemesh.discovery.snapshot import Endpoint
 from nodemesh.errors import BadRequest, ProxyError, UpstreamConnectError, UpstreamProtocolError
 from nodemesh.identity import spiffe
@@ -46,6 +47,7 @@ from nodemesh.proxy.h2bridge import (
 )
 from nodemesh.proxy.http1 import IdleSet, respond_error, serve_http1
 from nodemesh.proxy.splice import splice
+from nodemesh.telemetry.metrics import DEFAULT_ROUTE
 from nodemesh.transport.edges import close_quietly, open_tcp, open_tls
 from nodemesh.transport.h2conn import H2Conn, H2Stream, Headers
 from nodemesh.transport.original_dst import original_dst
@@ -150,23 +152,24 @@ class Outbound:
         ev = await app.next_event()
         head = ev[1]
         route = OutboundRoute(self, service, ip, port)
-        if split_pseudo(head)[0].get(b":method") == b"CONNECT":
+        pseudo = split_pseudo(head)[0]
+        if pseudo.get(b":method") == b"CONNECT":
             err = BadRequest("CONNECT over HTTP/2 is not supported to a meshed service")
             err.status = 405
-            route.record(None, err.status, time.perf_counter() - start)
+            route.record(None, err.status, time.perf_counter() - start, pseudo)
             await answer_error(app, err)
             return
         out = [*mesh_free(head), (PROTO_HEADER, b"h2")]
         try:
             mesh = await route.open_stream(None, out, end=app.head_ended)
         except ProxyError as e:
-            route.record(None, e.status, time.perf_counter() - start)
+            route.record(None, e.status, time.perf_counter() - start, pseudo)
             await answer_error(app, e)
             return
         sent = time.perf_counter()
         status = await relay_streams(app, mesh, request_open=not app.head_ended)
         route.done(failed=status == 0 or status >= 500, rtt=time.perf_counter() - sent)
-        route.record(None, status, time.perf_counter() - start)
+        route.record(None, status, time.perf_counter() - start, pseudo)
 
     async def _detect(self, stream: trio.SocketStream) -> tuple[Protocol, bytes]:
         buf = b""
@@ -255,13 +258,14 @@ class Outbound:
 class OutboundRoute:
     """Requests on one app connection to one meshed service (``proxy.h2bridge.StreamRoute``)."""
 
-    __slots__ = ("_ep", "_out", "authority", "service")
+    __slots__ = ("_ep", "_host", "_out", "authority", "service")
 
     def __init__(self, out: Outbound, service: str, ip: str, port: int) -> None:
         self._out = out
         self.service = service
         self.authority = f"{ip}:{port}".encode()
         self._ep: Endpoint | None = None
+        self._host = ""  # the node that served the last exchange, until it is recorded
 
     async def forward(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> bool:
         return await forward_over_h2(ds, stream, req, self)
@@ -304,10 +308,33 @@ class OutboundRoute:
     def done(self, *, failed: bool, rtt: float) -> None:
         if self._ep is not None:
             self._out.agent.balancer(self.service).done(self._ep, rtt, failed=failed)
+            self._host = self._ep.node  # the request is recorded next, against this host
             self._ep = None
 
-    def record(self, req: h11.Request | None, status: int, elapsed: float) -> None:
+    def record(
+        self,
+        req: h11.Request | None,
+        status: int,
+        elapsed: float,
+        pseudo: dict[bytes, bytes] | None = None,
+    ) -> None:
+        """Count one request; ``pseudo`` stands in for ``req`` on an app's HTTP/2 stream."""
         agent = self._out.agent
+        if req is not None:
+            route = classify(agent.routes, self.service, req.method, req.target)
+        elif pseudo is not None:
+            route = classify(
+                agent.routes, self.service, pseudo.get(b":method"), pseudo.get(b":path")
+            )
+        else:
+            route = DEFAULT_ROUTE
         agent.recorder.request(
-            "outbound", self.service, agent.source_identity().name, status, elapsed
+            "outbound",
+            self.service,
+            agent.source_identity().name,
+            status,
+            elapsed,
+            route,
+            self._host,
         )
+        self._host = ""

@@ -332,7 +332,8 @@ class AppRoute(Protocol):
 
     async def release(self, up: Upstream, *, failed: bool, rtt: float) -> None: ...
 
-    def record_status(self, status: int, elapsed: float) -> None: ...
+    def record_status(self, status: int, elapsed: float, pseudo: dict[bytes, bytes]) -> None:
+        """Count one finished stream; ``pseudo`` (method, path) names its route."""
 
 
 async def serve_stream(stream: H2Stream, route: AppRoute, head: Headers) -> None:
@@ -342,7 +343,7 @@ async def serve_stream(stream: H2Stream, route: AppRoute, head: Headers) -> None
     try:
         up, extra = await route.open_app(pseudo, regular)
     except ProxyError as e:
-        route.record_status(e.status, time.perf_counter() - start)
+        route.record_status(e.status, time.perf_counter() - start, pseudo)
         await answer_error(stream, e)
         return
     # A body-less request ends the stream with its HEADERS frame.
@@ -377,18 +378,20 @@ async def serve_stream(stream: H2Stream, route: AppRoute, head: Headers) -> None
             )
         failed = not st.request_done
     except StreamError:
-        route.record_status(0, time.perf_counter() - start)  # the calling agent went away
+        route.record_status(0, time.perf_counter() - start, pseudo)  # the calling agent went away
     except ProxyError as e:
-        route.record_status(e.status if not st.response_started else 0, time.perf_counter() - start)
+        route.record_status(
+            e.status if not st.response_started else 0, time.perf_counter() - start, pseudo
+        )
         if st.response_started:
             stream.reset(ERR_INTERNAL)
         else:
             await answer_error(stream, e)
     except h11.LocalProtocolError as e:
-        route.record_status(0, time.perf_counter() - start)
+        route.record_status(0, time.perf_counter() - start, pseudo)
         await answer_error(stream, BadRequest(f"request cannot be forwarded: {e}"))
     else:
-        route.record_status(st.status, time.perf_counter() - start)
+        route.record_status(st.status, time.perf_counter() - start, pseudo)
     finally:
         with trio.CancelScope(shield=True):
             await route.release(

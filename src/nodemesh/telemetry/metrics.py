@@ -2,11 +2,14 @@
 
 Theory of operation
 -------------------
-A ``Recorder`` holds one ``Series`` per label set (direction, service, peer, status class).
+A ``Recorder`` holds one ``Series`` per label set (direction, service, peer, route, endpoint
+host, status class).
 Recording a request is a dict lookup, two integer additions and one ``record_value`` on an
 HdrHistogram (about 1 µs); nothing is formatted or logged on the hot path.  Label sets are
-bounded: services come from the Consul catalog, status classes are five, and past
-``MAX_SERIES`` new label sets collapse into an ``overflow`` series, counted.
+bounded: services and hosts come from the Consul catalog, routes from each service's route
+table (``routes.py``; a path no route matches is ``[default]``, so a flood of unique paths adds
+nothing), status classes are six, and past ``MAX_SERIES`` new label sets collapse into an
+``overflow`` series, counted.
 
 Histograms keep microseconds from 1 µs to 60 s at 3 significant digits, so any percentile is
 exact to 0.1 %, and their standard V2 encoding merges exactly across agents (``nodemesh stat``).
@@ -33,6 +36,7 @@ HIGHEST_US = 60_000_000
 DIGITS = 3
 MAX_SERIES = 10_000
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+DEFAULT_ROUTE = "[default]"  # a request no route of its service matches
 
 
 def new_histogram() -> HdrHistogram:
@@ -44,6 +48,8 @@ class Series:
     direction: str  # "outbound" | "inbound"
     service: str  # the destination service
     peer: str  # outbound: the source identity; inbound: the client identity
+    route: str  # the destination service's route the request matched, or "[default]"
+    endpoint: str  # outbound: the node that served it; inbound: "" (this node)
     status: str  # "2xx" ... or "error" (no status: cut off or failed before a response)
     count: int = 0
     interval_count: int = 0
@@ -63,7 +69,10 @@ class Series:
         return h
 
     def __repr__(self) -> str:
-        return f"<Series {self.direction} {self.service} {self.peer} {self.status} n={self.count}>"
+        return (
+            f"<Series {self.direction} {self.service} {self.peer} {self.route} {self.endpoint} "
+            f"{self.status} n={self.count}>"
+        )
 
 
 @dataclass
@@ -83,6 +92,8 @@ class Cut:
     direction: str
     service: str
     peer: str
+    route: str
+    endpoint: str
     status: str
     count: int
     latency: HdrHistogram
@@ -103,7 +114,7 @@ class ByteCount:
 
 class Recorder:
     def __init__(self) -> None:
-        self._series: dict[tuple[str, str, str, str], Series] = {}
+        self._series: dict[tuple[str, str, str, str, str, str], Series] = {}
         self._tcp: dict[tuple[str, str], TcpSeries] = {}
         self.overflowed = 0
         self.reports_dropped = 0  # interval reports the controller will never see (reporter)
@@ -112,14 +123,23 @@ class Recorder:
     def __repr__(self) -> str:
         return f"<Recorder series={len(self._series)} tcp={len(self._tcp)}>"
 
-    def request(self, direction: str, service: str, peer: str, status: int, seconds: float) -> None:
+    def request(
+        self,
+        direction: str,
+        service: str,
+        peer: str,
+        status: int,
+        seconds: float,
+        route: str = DEFAULT_ROUTE,
+        endpoint: str = "",
+    ) -> None:
         cls = STATUS_CLASSES[status // 100 - 1] if 100 <= status < 600 else "error"
-        key = (direction, service, peer, cls)
+        key = (direction, service, peer, route, endpoint, cls)
         s = self._series.get(key)
         if s is None:
             if len(self._series) >= MAX_SERIES:
                 self.overflowed += 1
-                key = (direction, "overflow", "overflow", cls)
+                key = (direction, "overflow", "overflow", DEFAULT_ROUTE, "", cls)
                 s = self._series.get(key)
             if s is None:
                 s = self._series[key] = Series(*key)
@@ -135,7 +155,16 @@ class Recorder:
         for s in self._series.values():
             if s.interval_count:
                 out.append(
-                    Cut(s.direction, s.service, s.peer, s.status, s.interval_count, s.interval)
+                    Cut(
+                        s.direction,
+                        s.service,
+                        s.peer,
+                        s.route,
+                        s.endpoint,
+                        s.status,
+                        s.interval_count,
+                        s.interval,
+                    )
                 )
                 s.past.add(s.interval)
                 s.interval_count = 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from nodemesh.telemetry.metrics import Recorder
+from nodemesh.telemetry.metrics import Recorder, Series
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999)
 
@@ -22,20 +22,34 @@ def _labels(**kv: str) -> str:
     return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in kv.items()) + "}"
 
 
+def _request_labels(s: Series) -> dict[str, str]:
+    return {
+        "direction": s.direction,
+        "service": s.service,
+        "peer": s.peer,
+        "route": s.route,
+        "dst_host": s.endpoint,
+        "status_class": s.status,
+    }
+
+
 def render(rec: Recorder, extra: Iterable[str] = ()) -> str:
     out: list[str] = []
-    series = sorted(rec.series(), key=lambda s: (s.direction, s.service, s.peer, s.status))
+    series = sorted(
+        rec.series(),
+        key=lambda s: (s.direction, s.service, s.peer, s.route, s.endpoint, s.status),
+    )
     out.append("# HELP nodemesh_requests_total HTTP requests proxied, by status class.")
     out.append("# TYPE nodemesh_requests_total counter")
     for s in series:
-        lb = _labels(direction=s.direction, service=s.service, peer=s.peer, status_class=s.status)
+        lb = _labels(**_request_labels(s))
         out.append(f"nodemesh_requests_total{lb} {s.count}")
     out.append(
         "# HELP nodemesh_request_duration_seconds Proxied request latency (HDR, exact quantiles)."
     )
     out.append("# TYPE nodemesh_request_duration_seconds summary")
     for s in series:
-        base = dict(direction=s.direction, service=s.service, peer=s.peer, status_class=s.status)
+        base = _request_labels(s)
         h = s.latency
         for q in QUANTILES:
             v = h.get_value_at_percentile(q * 100) / 1e6

@@ -21,7 +21,7 @@ from nodemesh.config import AgentConfig, parse_addr
 from nodemesh.errors import ConfigError
 from nodemesh.identity.client import ControllerClient, ControllerRefused, ControllerUnavailable
 
-BY = ("service", "route", "edge", "host")
+BY = ("service", "route", "edge", "edge_route", "host")
 _WINDOW = re.compile(r"^\d+(s|m|h)$")
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----\n?", re.S)
 

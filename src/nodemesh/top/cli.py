@@ -49,8 +49,8 @@ def top(
         fail("nodemesh top", e)
 
     async def fetch() -> tuple[Sequence[Any], Sequence[Any]]:
-        rows = await query.fetch_rows(addr, window, "edge", creds)
-        last = await query.fetch_rows(addr, LAST_WINDOW, "edge", creds)
+        rows = await query.fetch_rows(addr, window, "edge_route", creds)
+        last = await query.fetch_rows(addr, LAST_WINDOW, "edge_route", creds)
         return rows, last
 
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is a way to leave, not an error

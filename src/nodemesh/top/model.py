@@ -13,6 +13,7 @@ without a terminal.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -34,6 +35,7 @@ HEADERS = (
 # Sort columns, cycled by ``s``.  Counts and latencies sort high first, names A-Z.
 SORTS = ("count", "worst", "best", "last", "success", "source", "destination", "path")
 MIN_FLEX = 6  # narrowest a name column may get before columns are dropped
+_METHOD = re.compile(r"[A-Z]{1,16}")
 ELLIPSIS = "~"  # ASCII, so every terminal draws a truncated cell in one column
 
 
@@ -78,12 +80,21 @@ def _us_to_ms(latency: Any, key: str) -> float | None:
     return None if us is None else us / 1000
 
 
-def _edge(d: Any) -> tuple[str, str] | None:
+def _edge(d: Any) -> tuple[str, str, str] | None:
     key = d.get("key") if isinstance(d, Mapping) else None
     if not isinstance(key, Mapping):
         return None
-    src, dst = _text(key.get("src")), _text(key.get("dst"))
-    return (src, dst) if dst else None
+    src, dst, route = _text(key.get("src")), _text(key.get("dst")), _text(key.get("route"))
+    return (src, dst, route) if dst else None
+
+
+def split_route(route: str) -> tuple[str, str]:
+    """(method, path) shown for a route: a name like ``GET /users/{id}`` splits at its first
+    space; any other name is all path, under any method."""
+    method, sep, path = route.partition(" ")
+    if sep and path and _METHOD.fullmatch(method):
+        return method, path
+    return ("*", route) if route else ("", "")
 
 
 def _name(identity: str) -> str:
@@ -93,15 +104,16 @@ def _name(identity: str) -> str:
 
 
 def parse_rows(window: Sequence[Any], last: Sequence[Any] = ()) -> tuple[TopRow, ...]:
-    """Rows from the controller's ``by=edge`` answers: ``window`` over the view's window and
-    ``last`` over the newest 10 s slot.
+    """Rows from the controller's ``by=edge_route`` answers: ``window`` over the view's window
+    and ``last`` over the newest 10 s slot.
 
     The controller keeps histograms, not single requests, so Best is the window's fastest
     request (``min``, when the controller sends it), Worst its slowest (``max``) and Last the
-    median of the newest slot: what the edge is doing right now.  Method and path are per
-    route, which edges do not carry; they show as ``-``.
+    median of the newest slot: what the edge is doing right now.  Method and Path are the
+    route's (``split_route``): the mesh counts routes, never raw paths, so that a flood of
+    unique paths cannot grow it; a request no route matched shows as ``[default]``.
     """
-    recent: dict[tuple[str, str], float | None] = {}
+    recent: dict[tuple[str, str, str], float | None] = {}
     for d in last:
         edge = _edge(d)
         if edge is not None:
@@ -114,12 +126,13 @@ def parse_rows(window: Sequence[Any], last: Sequence[Any] = ()) -> tuple[TopRow,
             continue
         lat = d.get("latency_us")
         success = _num(d.get("success_rate"))
+        method, path = split_route(edge[2])
         out.append(
             TopRow(
                 source=_name(edge[0]),
                 destination=edge[1],
-                method=_text(d.get("method")),
-                path=_text(d.get("path")),
+                method=method,
+                path=path,
                 count=count,
                 best_ms=_us_to_ms(lat, "min"),
                 worst_ms=_us_to_ms(lat, "max"),
