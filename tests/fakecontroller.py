@@ -32,6 +32,8 @@ RECORDED = {
         ("host", "1m"),
         ("edge", "1m"),
         ("edge", "10s"),
+        ("edge_route", "1m"),
+        ("edge_route", "10s"),
     ]
 }
 

@@ -108,6 +108,7 @@ def test_rows_keys_resize_outage_and_quit(top: tuple[Tmux, FakeController, Path]
     # Sorted by count: shop->web 1100, load->shop 600, plaintext->web 100.
     assert _rows(screen) == [("shop", "web"), ("load", "shop"), ("unknown", "web")]
     web = next(line for line in screen if line.startswith("shop "))
+    assert web.split()[2:4] == ["GET", "/users/{id}"]  # the route's method and path
     assert web.split()[4:] == ["1100", "0.3ms", "12.0ms", "0.8ms", "99.09%"]
 
     tmux("send-keys", "-t", tmux.session, "s")  # worst: the same order as count here
