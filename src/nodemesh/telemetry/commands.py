@@ -111,10 +111,12 @@ def resolve_target(
     return found, creds
 
 
-def fetch(addr: str, window: str, by: str, creds: query.Credentials) -> list[dict[str, Any]]:
+def fetch(
+    addr: str, window: str, by: str, creds: query.Credentials, direction: str = "inbound"
+) -> list[dict[str, Any]]:
     async def one() -> list[dict[str, Any]]:
         with trio.fail_after(FETCH_TIMEOUT):
-            return await query.fetch_rows(addr, window, by, creds)
+            return await query.fetch_rows(addr, window, by, creds, direction)
 
     try:
         return trio.run(one)
@@ -138,11 +140,19 @@ _BY = {"services": "service", "routes": "route", "hosts": "host"}
 @click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table")
 @click.option("--watch", "interval", type=float, default=0.0, help="Refresh every N seconds.")
 @click.option("--count", type=int, default=0, help="With --watch, stop after N refreshes.")
+@click.option(
+    "--direction",
+    type=click.Choice(["inbound", "outbound"]),
+    default="inbound",
+    show_default=True,
+    help="As the serving agents saw requests, or as the calling agents did.",
+)
 @controller_options
 def stat(
     kind: str,
     window: str,
     fmt: str,
+    direction: str,
     interval: float,
     count: int,
     controller_addr: str,
@@ -155,7 +165,7 @@ def stat(
     try:
         query.check_window(window)
         target = resolve_target(controller_addr, config_path, ca_file, cert_file, consul)
-        rows = fetch(target[0], window, _BY[kind], target[1])
+        rows = fetch(target[0], window, _BY[kind], target[1], direction)
     except (ConfigError, ControllerUnavailable) as e:
         if kind != "services":
             fail("nodemesh stat", e)
@@ -187,7 +197,7 @@ def stat(
         click.echo()  # tables apart when the output is a log, not a cleared screen
         time.sleep(interval)
         try:
-            rows = fetch(target[0], window, _BY[kind], target[1])
+            rows = fetch(target[0], window, _BY[kind], target[1], direction)
         except NodemeshError as e:
             fail("nodemesh stat", e)
 
