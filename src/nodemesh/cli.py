@@ -60,11 +60,13 @@ from nodemesh.agent.iptables import iptables_cli  # noqa: E402
 from nodemesh.controller.cli import ca, controller  # noqa: E402
 from nodemesh.lab.demo import demo  # noqa: E402
 from nodemesh.telemetry.commands import edges, stat  # noqa: E402
+from nodemesh.telemetry.routes_cli import routes_cmd  # noqa: E402
 from nodemesh.top.cli import top  # noqa: E402
 
 main.add_command(stat, "stat")
 main.add_command(top, "top")
 main.add_command(edges, "edges")
+main.add_command(routes_cmd, "routes")
 main.add_command(controller, "controller")
 main.add_command(iptables_cli, "iptables")
 main.add_command(ca, "ca")

@@ -68,7 +68,7 @@ def controller_options(f: F) -> F:
     return f
 
 
-def _consul(addr: str) -> tuple[str, int]:
+def consul_address(addr: str) -> tuple[str, int]:
     try:
         return parse_addr(addr)
     except Exception:  # config's parser raises its private error type
@@ -99,7 +99,7 @@ def resolve_target(
         return query.check_address(controller_addr), creds
     if cfg is not None and cfg.controller_address:
         return cfg.controller_address, creds
-    consul_addr = _consul(consul)
+    consul_addr = consul_address(consul)
     try:
         found = trio.run(query.find_controller, consul_addr)
     except Exception as e:  # Consul down or odd: the operator can name the controller instead
@@ -177,7 +177,7 @@ def stat(
         from nodemesh.telemetry.direct import stat_from_agents
 
         try:
-            consul_addr = _consul(consul)
+            consul_addr = consul_address(consul)
         except ConfigError as bad:
             fail("nodemesh stat", bad)
         stat_from_agents(consul_addr, interval, count, fmt)
