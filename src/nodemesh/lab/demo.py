@@ -31,6 +31,18 @@ STAT_PROBE_TIMEOUT = 10.0
 POLL = 0.2  # seconds between reads of the load generator's statistics
 
 
+# Metrics are per route (docs/observability.md, "Routes"): the sample apps' own paths.
+ROUTES = {
+    "shop": {"routes": [{"name": "GET /", "method": "GET", "path": "/"}]},
+    "web": {
+        "routes": [
+            {"name": "GET /", "method": "GET", "path": "/"},
+            {"name": "GET /slow", "method": "GET", "path": "/slow"},
+        ]
+    },
+}
+
+
 def demo_spec(hosts: int, servers: int, mesh: bool) -> LabSpec:
     agent_hosts = [f"h{i}" for i in range(1, hosts + 1)]
     apps = [AppSpec(h, "web", WEB_PORT) for h in agent_hosts[1:]]
@@ -168,6 +180,9 @@ def demo(hosts: int, duration: float, rate: float, servers: int, mesh: bool, kee
         spec = replace(spec, keep_workdir=True)
     try:
         with Lab(spec, progress=_say) as lab:
+            for service, table in ROUTES.items():
+                lab.consul_api("ctl", f"/v1/kv/nodemesh/routes/{service}", method="PUT", body=table)
+            _say(f"route tables in Consul KV nodemesh/routes/: {', '.join(ROUTES)}")
             shop = lab.app_url("h2", "shop")
             _say(f"starting load on h1 -> {shop} at {rate:g} rps")
             load = lab.start_load(
