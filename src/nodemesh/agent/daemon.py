@@ -8,7 +8,8 @@ Start order (each step reports before the next begins):
 5. register as ``nodemesh`` in Consul, with a check on ``/ready``; print one line per listener.
 
 Stop (SIGTERM/SIGINT): mark not ready, deregister, stop accepting, end idle keep-alive
-connections, let in-flight requests finish within ``shutdown.grace``, then remove interception.
+connections, let in-flight requests finish within ``shutdown.grace``, then remove interception
+and hand the last metrics interval and any unsent reports to the controller or the state dir.
 Consul or the controller going away later changes nothing: the last snapshot and certificates
 keep serving.
 """
@@ -38,7 +39,7 @@ from nodemesh.inbound.server import Inbound
 from nodemesh.outbound.server import Outbound
 from nodemesh.proxy.http1 import IdleSet
 from nodemesh.telemetry.metrics import Recorder
-from nodemesh.telemetry.reporter import serve_reporter
+from nodemesh.telemetry.reporter import ReporterStop, serve_reporter
 from nodemesh.transport.listen import open_listener, serve_listener
 
 _log = log.get("nodemesh.agent")
@@ -133,6 +134,7 @@ async def serve_agent(
         exclude_cidrs=cfg.exclude_cidrs,
     )
     intercepting = False
+    reporter = ReporterStop()
 
     async def watch_signals(root: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -159,7 +161,7 @@ async def serve_agent(
             return None if held is None else (held.chain_pem, held.key_pem)
 
         await root.start(
-            serve_reporter,
+            partial(serve_reporter, stopper=reporter),
             agent.recorder,
             controller,
             agent.node_identity.uri,
@@ -214,6 +216,9 @@ async def serve_agent(
                         _log.info("interception_removed")
                     except NodemeshError as e:
                         _log.error("interception_remove_failed", error=str(e))
+            # Drained, so every request is recorded: the last partial interval and the unsent
+            # backlog go to the controller (bounded) or to the state dir for the next start.
+            await reporter.stop()
             root.cancel_scope.cancel()
     _log.info("agent_stopped")
 
