@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -14,10 +15,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import ingest
 import measure
 import peers
 import pyspy
 import pytest
+import recording
+
+from nodemesh.controller import metrics as fleet_metrics
+from nodemesh.telemetry.metrics import Recorder
 
 HERE = Path(__file__).resolve().parent
 
@@ -168,6 +174,85 @@ def test_wrk_report_script_against_a_real_server(
     assert 0 < r.latency_ms["p50"] <= r.latency_ms["p99"] <= r.latency_ms["max"]
     # wrk counts non-2xx/3xx answers as status errors: a broken path cannot pass as fast.
     assert (r.errors["status"] > 0) == bad
+
+
+# --- recording.py and ingest.py: their pure parts ------------------------------------------------
+
+
+def test_label_mix_is_deterministic_and_spans_the_mix() -> None:
+    calls = recording.label_mix(5000)
+    assert calls == recording.label_mix(5000)
+    assert {c[3] for c in calls} == {s for s, _ in recording.STATUSES}
+    seconds = [c[4] for c in calls]
+    assert min(seconds) < 100e-6 and max(seconds) > 1.0  # µs to seconds
+    for d, service, peer, _, _, route, endpoint in calls:
+        assert route in recording.SERVICES[service] and peer in recording.PEERS
+        assert (endpoint in recording.HOSTS) if d == "outbound" else endpoint == ""
+    rec = Recorder()
+    for c in calls:
+        rec.request(*c)
+    # A bounded label mix: a few hundred series, as an agent has, far under the overflow cap.
+    assert 100 < len(list(rec.series())) < 1000
+    assert rec.overflowed == 0
+
+
+def test_spread_gives_median_extremes_and_quartiles() -> None:
+    s = recording.spread([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s.median, s.low, s.high, s.q1, s.q3, s.n) == (3.0, 1.0, 5.0, 2.0, 4.0, 5)
+    assert recording.spread([1.0, 2.0]).median == 1.5
+    with pytest.raises(ValueError):
+        recording.spread([])
+
+
+def test_agent_series_are_distinct_and_half_inbound() -> None:
+    for i in (0, 1, 57, 299):
+        labels = ingest.agent_series(i, 300, 50)
+        assert labels == ingest.agent_series(i, 300, 50)
+        assert len({tuple(sorted(lab.items())) for lab in labels}) == 50
+        inbound = [lab for lab in labels if lab["direction"] == "inbound"]
+        assert len(inbound) == 25
+        own = {lab["service"] for lab in inbound}
+        assert len(own) == 1 and own.isdisjoint(lab["peer"] for lab in inbound)
+        assert all(lab["endpoint"] for lab in labels if lab["direction"] == "outbound")
+    with pytest.raises(ValueError, match="series = 500"):
+        ingest.agent_series(0, 300, 500)
+
+
+def test_simulated_reports_pass_the_controllers_parser_and_add_up() -> None:
+    pool = ingest.histogram_pool(8)
+    fleet = fleet_metrics.FleetMetrics()
+    sent = 0
+    for i in range(3):
+        labels = ingest.agent_series(i, 100, 50)
+        doc = ingest.make_report(i, 0, 1000.0, 10.0, labels, pool, random.Random(i))
+        report = fleet_metrics.parse_report(doc)  # raises on anything the real API refuses
+        assert report.host == ingest.agent_name(i) and len(report.series) == 50
+        assert {s.labels[3] for s in report.series} >= {"2xx"}
+        fleet.ingest(report, now=1000.0)
+        sent += sum(s["count"] for s in doc["series"] if s["labels"]["direction"] == "inbound")
+    rows = fleet.query(now=1015.0, window_s=60, by="edge")["rows"]
+    assert sum(r["requests"] for r in rows) == sent
+
+
+def test_offsets_spread_evenly_over_one_interval() -> None:
+    offs = ingest.offsets(1000, 10.0)
+    assert offs == ingest.offsets(1000, 10.0) and len(offs) == 1000
+    per_second = [0] * 10
+    for o in offs:
+        per_second[int(o)] += 1
+    assert per_second == [100] * 10
+
+
+def test_quantiles_are_nearest_rank_in_ms() -> None:
+    q = ingest.quantiles_ms([i / 1000 for i in range(1, 101)])  # 1..100 ms
+    assert (q["p50"], q["p90"], q["p99"], q["max"], q["n"]) == pytest.approx((50, 90, 99, 100, 100))
+    assert ingest.quantiles_ms([]) == {}
+
+
+def test_an_attempt_overlaps_a_query_window_only_if_they_share_time() -> None:
+    a = ingest.Attempt(0, 0, start=10.0, seconds=1.0, outcome="ok")
+    assert ingest.overlaps(a, [(10.5, 20.0)])
+    assert not ingest.overlaps(a, [(11.0, 20.0), (0.0, 10.0)])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,398 @@
+"""What recording a request costs an agent: ``Recorder.request`` beside baselines, in one run.
+
+    .venv/bin/python bench/recording.py [--calls 200000] [--rounds 15] [--rev HEAD]
+
+Four callables get the same realistic argument tuples (``label_mix``: a few services, peers,
+routes and upstream hosts, all six status classes, latencies from tens of µs to seconds), each
+called positionally the way ``inbound/server.py`` and ``outbound/server.py`` call the recorder:
+
+    empty      a method that does nothing: the loop, the call and the argument passing
+    dict       a method that increments a dict counter keyed by the labels: what any counter
+               costs, with no histogram
+    hdr        a method that clamps the latency and calls ``record_value`` on one histogram:
+               the HdrHistogram's share
+    recorder   ``Recorder.request`` on a recorder whose series already exist (steady state)
+
+Every round runs all four over the same list, in a rotated order, after a ``gc.collect()``;
+``time.perf_counter_ns`` brackets each pass.  The result is ns per call: median and spread
+over rounds, plus the per-round difference ``recorder - empty`` (what recording adds to a
+request).  Then, also timed per call or per cut: the first request of a new label set (two
+histograms allocated), ``Recorder.cut`` with N series, and ``build_report`` (cut plus the V2
+encodings) with ``json.dumps`` of the result, which is what the agent sends every interval.
+
+The numbers go to a JSON file under bench/results/ and a table to stdout.  Pure parts
+(``label_mix``, ``spread``) are checked in bench/test_bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import source
+from measure import cpu_seconds, loadavg, machine_busy_seconds
+
+from nodemesh.telemetry.metrics import (
+    DEFAULT_ROUTE,
+    HIGHEST_US,
+    LOWEST_US,
+    Recorder,
+    new_histogram,
+)
+from nodemesh.telemetry.reporter import TcpDeltas, build_report
+
+HERE = Path(__file__).resolve().parent
+
+# direction, service, peer, status, seconds, route, endpoint: Recorder.request's positional order
+Call = tuple[str, str, str, int, float, str, str]
+
+# A small fleet as one agent sees it.  Routes are names from each service's route table
+# (discovery/routes.py); a request no route matches is "[default]".
+SERVICES: dict[str, tuple[str, ...]] = {
+    "web": ("GET /", "GET /static/{path}", DEFAULT_ROUTE),
+    "checkout": ("POST /orders", "GET /orders/{id}", DEFAULT_ROUTE),
+    "catalog": ("GET /items/{id}", "GET /search", DEFAULT_ROUTE),
+    "auth": ("POST /token", DEFAULT_ROUTE),
+}
+PEERS = ("web", "checkout", "catalog", "auth", "batch", "h7")  # identities' names; h7 a node
+HOSTS = ("h1", "h2", "h3")  # upstream nodes that serve outbound requests
+# (status, weight): mostly 2xx, some redirects and client errors, a few failures; 0 = no
+# status (cut off before a response), which the recorder files as "error".
+STATUSES = ((200, 880), (201, 30), (304, 20), (404, 30), (429, 5), (500, 15), (503, 10), (0, 10))
+# (low s, high s, weight): log-uniform inside each band, so every decade from 20 µs to 5 s
+# holds values and the histograms fill many buckets, as real latencies do.
+LATENCY_BANDS = ((20e-6, 300e-6, 20), (1e-3, 30e-3, 65), (30e-3, 0.5, 12), (0.5, 5.0, 3))
+
+
+def label_mix(n: int, seed: int = 1) -> list[Call]:
+    """``n`` deterministic request records with the mix above (pure)."""
+    rng = random.Random(seed)
+    services = list(SERVICES)
+    statuses, s_weights = zip(*STATUSES, strict=True)
+    bands = [(lo, hi) for lo, hi, _ in LATENCY_BANDS]
+    b_weights = [w for *_, w in LATENCY_BANDS]
+    out: list[Call] = []
+    for _ in range(n):
+        service = rng.choice(services)
+        outbound = rng.random() < 0.5
+        status = rng.choices(statuses, s_weights)[0]
+        lo, hi = rng.choices(bands, b_weights)[0]
+        seconds = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        out.append(
+            (
+                "outbound" if outbound else "inbound",
+                service,
+                rng.choice(PEERS),
+                status,
+                seconds,
+                rng.choice(SERVICES[service]),
+                rng.choice(HOSTS) if outbound else "",
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Spread:
+    median: float
+    low: float  # minimum over rounds
+    high: float  # maximum over rounds
+    q1: float
+    q3: float
+    n: int
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """Median, extremes and quartiles (linear interpolation) of ``values`` (pure)."""
+    if not values:
+        raise ValueError("spread of no values")
+    v = sorted(values)
+
+    def q(p: float) -> float:
+        k = (len(v) - 1) * p
+        lo, hi = math.floor(k), math.ceil(k)
+        return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+    return Spread(q(0.5), v[0], v[-1], q(0.25), q(0.75), len(v))
+
+
+# --- the callables ----------------------------------------------------------------------------
+
+
+class Empty:
+    def request(
+        self,
+        direction: str,
+        service: str,
+        peer: str,
+        status: int,
+        seconds: float,
+        route: str = DEFAULT_ROUTE,
+        endpoint: str = "",
+    ) -> None:
+        return None
+
+
+class DictCounter:
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, str, int, str, str], int] = {}
+
+    def request(
+        self,
+        direction: str,
+        service: str,
+        peer: str,
+        status: int,
+        seconds: float,
+        route: str = DEFAULT_ROUTE,
+        endpoint: str = "",
+    ) -> None:
+        key = (direction, service, peer, status, route, endpoint)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+
+class HdrOnly:
+    def __init__(self) -> None:
+        self.h = new_histogram()
+
+    def request(
+        self,
+        direction: str,
+        service: str,
+        peer: str,
+        status: int,
+        seconds: float,
+        route: str = DEFAULT_ROUTE,
+        endpoint: str = "",
+    ) -> None:
+        self.h.record_value(min(max(int(seconds * 1_000_000), LOWEST_US), HIGHEST_US))
+
+
+def _pass(fn: Callable[..., None], calls: Sequence[Call]) -> int:
+    """ns for one pass of ``fn`` over ``calls``."""
+    gc.collect()
+    t0 = time.perf_counter_ns()
+    for c in calls:
+        fn(*c)
+    return time.perf_counter_ns() - t0
+
+
+def per_call(calls: Sequence[Call], rounds: int, say: Callable[[str], None]) -> dict[str, Any]:
+    rec = Recorder()
+    for c in calls:  # steady state: every label set has its series and histograms
+        rec.request(*c)
+    fns: dict[str, Callable[..., None]] = {
+        "empty": Empty().request,
+        "dict": DictCounter().request,
+        "hdr": HdrOnly().request,
+        "recorder": rec.request,
+    }
+    names = list(fns)
+    ns: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            ns[name].append(_pass(fns[name], calls) / len(calls))
+        say(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {ns[k][-1]:.0f}" for k in names))
+    added = [a - b for a, b in zip(ns["recorder"], ns["empty"], strict=True)]
+    return {
+        "calls_per_pass": len(calls),
+        "series": len(list(rec.series())),
+        "ns_per_call": {k: asdict(spread(v)) | {"rounds": v} for k, v in ns.items()},
+        "recorder_minus_empty_ns": asdict(spread(added)),
+    }
+
+
+def new_series_cost(rounds: int, n: int = 2000) -> dict[str, Any]:
+    """ns for a request whose label set is new (its Series and two histograms are made)."""
+    out: list[float] = []
+    calls = [("inbound", "svc", f"peer-{i}", 200, 0.001, DEFAULT_ROUTE, "") for i in range(n)]
+    for _ in range(rounds):
+        rec = Recorder()
+        out.append(_pass(rec.request, calls) / n)
+        del rec
+    return {"series_per_round": n, "ns_per_first_request": asdict(spread(out))}
+
+
+def _filled(series: int, mix: Sequence[Call], seed: int) -> Recorder:
+    """A recorder with ``series`` label sets that each saw between 1 and 2,000 requests."""
+    rng = random.Random(seed)
+    rec = Recorder()
+    refill(rec, series, mix, rng)
+    return rec
+
+
+def refill(rec: Recorder, series: int, mix: Sequence[Call], rng: random.Random) -> int:
+    """Record one interval's worth into ``series`` label sets; returns the request count."""
+    total = 0
+    for i in range(series):
+        count = int(math.exp(rng.uniform(0, math.log(2000))))
+        d, svc, _, status, _, route, host = mix[i % len(mix)]
+        for k in range(count):
+            seconds = mix[(i * 7919 + k) % len(mix)][4]
+            rec.request(d, svc, f"peer-{i}", status, seconds, route, host)
+        total += count
+    return total
+
+
+def cut_and_report(
+    sizes: Sequence[int], rounds: int, mix: Sequence[Call], say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for n in sizes:
+        cut_ms: list[float] = []
+        build_ms: list[float] = []
+        dumps_ms: list[float] = []
+        body = 0
+        for r in range(rounds):
+            rng = random.Random(r)
+            rec = Recorder()
+            refill(rec, n, mix, rng)
+            gc.collect()
+            t0 = time.perf_counter_ns()
+            cuts = rec.cut()
+            cut_ms.append((time.perf_counter_ns() - t0) / 1e6)
+            assert len(cuts) == n
+            refill(rec, n, mix, rng)
+            gc.collect()
+            t0 = time.perf_counter_ns()
+            report = build_report("spiffe://nodemesh.local/dc/dc1/node/h1", r, 0.0, 10.0, rec,
+                                  TcpDeltas(), 0)  # fmt: skip
+            t1 = time.perf_counter_ns()
+            data = json.dumps(report).encode()  # as ControllerClient._call sends it
+            t2 = time.perf_counter_ns()
+            build_ms.append((t1 - t0) / 1e6)
+            dumps_ms.append((t2 - t1) / 1e6)
+            body = max(body, len(data))
+        row: dict[str, Any] = {
+            "series": n,
+            "cut_ms": asdict(spread(cut_ms)),
+            "build_report_ms": asdict(spread(build_ms)),
+            "json_dumps_ms": asdict(spread(dumps_ms)),
+            "max_body_bytes": body,
+        }
+        say(
+            f"{n} series: cut {row['cut_ms']['median']:.2f} ms, build_report "
+            f"{row['build_report_ms']['median']:.2f} ms, json {row['json_dumps_ms']['median']:.2f}"
+            f" ms, body {body:,} B"
+        )
+        rows.append(row)
+    return rows
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+
+def say(msg: str) -> None:
+    print(f"[recording {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def table(result: dict[str, Any]) -> str:
+    pc = result["per_call"]["ns_per_call"]
+    lines = [f"{'callable':<10} {'median ns':>10} {'min':>7} {'q1':>7} {'q3':>7} {'max':>7}"]
+    for name, s in pc.items():
+        lines.append(
+            f"{name:<10} {s['median']:>10.0f} {s['low']:>7.0f} {s['q1']:>7.0f} {s['q3']:>7.0f} "
+            f"{s['high']:>7.0f}"
+        )
+    add = result["per_call"]["recorder_minus_empty_ns"]
+    lines.append(
+        f"recording adds {add['median']:.0f} ns per request (range {add['low']:.0f}-"
+        f"{add['high']:.0f} over {add['n']} rounds)"
+    )
+    first = result["new_series"]["ns_per_first_request"]
+    lines.append(f"first request of a new label set: {first['median'] / 1000:.0f} µs")
+    lines.append(f"{'series':>7} {'cut ms':>8} {'build_report ms':>16} {'json ms':>8} {'body':>9}")
+    for row in result["cut_and_report"]:
+        lines.append(
+            f"{row['series']:>7} {row['cut_ms']['median']:>8.2f} "
+            f"{row['build_report_ms']['median']:>16.2f} {row['json_dumps_ms']['median']:>8.2f} "
+            f"{row['max_body_bytes']:>9,}"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--calls", type=int, default=200_000, help="calls per pass")
+    ap.add_argument("--rounds", type=int, default=15, help="passes per callable")
+    ap.add_argument("--cut-rounds", type=int, default=7, help="cuts/reports per size")
+    ap.add_argument("--sizes", default="10,50,100,1000", help="series counts for cut/report")
+    ap.add_argument("--rev", default="HEAD", help="commit to measure, or 'worktree'")
+    ap.add_argument("--out", type=Path, help="the JSON result file (default: bench/results/)")
+    args = ap.parse_args(argv)
+    if not 1_000 <= args.calls <= 5_000_000:
+        ap.error("--calls must be in [1000, 5000000]")
+    if not 3 <= args.rounds <= 100 or not 1 <= args.cut_rounds <= 50:
+        ap.error("--rounds must be in [3, 100] and --cut-rounds in [1, 50]")
+    try:
+        args.sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        ap.error(f"--sizes {args.sizes!r} is not a comma-separated list of integers")
+    if not all(1 <= s <= 5000 for s in args.sizes):
+        ap.error("--sizes must each be in [1, 5000]")
+    if args.out is None:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        args.out = HERE / "results" / f"recording-{stamp}.json"
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    rev, _ = source.current()
+    say(f"measuring nodemesh {rev}")
+    load0 = loadavg()
+    cpu0, busy0, wall0 = cpu_seconds(os.getpid()), machine_busy_seconds(), time.monotonic()
+    calls = label_mix(args.calls)
+    result: dict[str, Any] = {
+        "benchmark": "recording",
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "nodemesh": rev,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "loadavg_at_start": load0,
+    }
+    result["per_call"] = per_call(calls, args.rounds, say)
+    result["new_series"] = new_series_cost(args.rounds)
+    result["cut_and_report"] = cut_and_report(args.sizes, args.cut_rounds, calls, say)
+    wall = time.monotonic() - wall0
+    ours = cpu_seconds(os.getpid()) - cpu0
+    result["wall_s"] = round(wall, 1)
+    result["cores"] = {
+        "bench": round(ours / wall, 2),
+        # Anything else running on the machine competes for the other core and the caches.
+        "not_ours": round((machine_busy_seconds() - busy0 - ours) / wall, 2),
+    }
+    result["loadavg_at_end"] = loadavg()
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    source.reexec_at(args.rev, Path(__file__).resolve(), argv)
+    try:
+        result = run(args)
+    finally:
+        source.cleanup()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    say(f"results written to {args.out}")
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
