@@ -153,6 +153,15 @@ def parse_log_format(v: Any) -> str:
     return str(v)
 
 
+def parse_installer(v: Any) -> str:
+    if v not in ("agent", "external"):
+        raise _Bad(
+            'is not "agent" (the agent installs the rules) or "external" (a privileged '
+            "step does, e.g. nodemesh-iptables.service)"
+        )
+    return str(v)
+
+
 def parse_positive_int(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise _Bad("is not a positive integer")
@@ -183,6 +192,7 @@ AGENT_KEYS: Schema = {
     "inbound.connect_timeout": (parse_duration, "300ms"),
     "inbound.idle_timeout": (parse_duration, "90s"),
     "interception.enabled": (parse_bool, True),
+    "interception.install": (parse_installer, "agent"),
     "interception.exclude_ports": (parse_ports, []),
     "interception.exclude_cidrs": (parse_cidrs, []),
     "interception.consul_ports": (parse_ports, list(DEFAULT_CONSUL_PORTS)),
@@ -235,6 +245,7 @@ class AgentConfig:
     inbound_connect_timeout: float
     inbound_idle_timeout: float
     interception: bool
+    interception_install: str  # "agent": installed and removed by the agent; "external"
     exclude_ports: tuple[int, ...]
     exclude_cidrs: tuple[str, ...]
     consul_ports: tuple[int, ...]
@@ -336,6 +347,7 @@ def agent_config_from_mapping(raw: Mapping[str, Any], source: str = "agent.toml"
         inbound_connect_timeout=v["inbound.connect_timeout"],
         inbound_idle_timeout=v["inbound.idle_timeout"],
         interception=v["interception.enabled"],
+        interception_install=v["interception.install"],
         exclude_ports=v["interception.exclude_ports"],
         exclude_cidrs=v["interception.exclude_cidrs"],
         consul_ports=v["interception.consul_ports"],

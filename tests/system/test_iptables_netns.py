@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -187,3 +188,33 @@ def test_an_unprivileged_user_with_cap_net_admin_can_install(netns: str) -> None
     assert status["rule_count"] == len(rules(InterceptionPlan(proxy_uid=65534)))
     assert _run("ip", "netns", "exec", netns, *nobody_with_cap, *CLI, "remove").stdout
     assert not [ln for ln in nat_lines(netns) if "NODEMESH" in ln]
+
+
+def test_install_from_the_agent_config(netns: str, tmp_path: Path) -> None:
+    """What nodemesh-iptables.service runs: every value from agent.toml, the uid from --user."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        '[listen]\noutbound = "127.0.0.1:15001"\n'
+        "[interception]\nexclude_ports = [22]\nconsul_ports = [8500]\n"
+        'exclude_cidrs = ["10.9.0.0/16"]\n'
+    )
+    cli(netns, "install", "--config", str(cfg), "--user", "root")
+    want = InterceptionPlan(proxy_uid=0, outbound_port=15001, consul_ports=(8500,),
+                            exclude_ports=(22,), exclude_cidrs=("10.9.0.0/16",))
+    assert comments(nat_lines(netns), "-A NODEMESH_OUTPUT ") == expected_comments(want)
+
+    cfg.write_text('[agent]\nproxy_uid = 4242\n')  # the config's uid wins over --user
+    cli(netns, "install", "--config", str(cfg), "--user", "root")
+    assert "--uid-owner 4242" in "\n".join(nat_lines(netns))
+
+    bad = cli(netns, "install", "--config", str(cfg), "--user", "no-such-user-x", check=False)
+    assert bad.returncode == 0  # proxy_uid set: the user is not needed
+    cfg.write_text("")
+    bad = cli(netns, "install", "--config", str(cfg), "--user", "no-such-user-x", check=False)
+    assert bad.returncode == 64
+    assert "user 'no-such-user-x' does not exist" in bad.stderr
+    cfg.write_text('[interception]\ninstall = "sometimes"\n')
+    bad = cli(netns, "install", "--config", str(cfg), check=False)
+    assert bad.returncode == 64 and "interception.install" in bad.stderr
+    assert "--uid-owner 4242" in "\n".join(nat_lines(netns))  # a bad config changes nothing
+    cli(netns, "remove")

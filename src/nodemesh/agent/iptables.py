@@ -30,16 +30,19 @@ import dataclasses
 import ipaddress
 import itertools
 import json
+import pwd
 import shlex
 import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
 from nodemesh import log
-from nodemesh.config import DEFAULT_CONSUL_PORTS
-from nodemesh.errors import NodemeshError
+from nodemesh.config import DEFAULT_CONSUL_PORTS, AgentConfig, load_agent_config
+from nodemesh.errors import ConfigError, NodemeshError
 
 CHAIN = "NODEMESH_OUTPUT"
 DEFAULT_OUTBOUND_PORT = 4140  # Linkerd's outbound port, so operators recognise it
@@ -331,22 +334,49 @@ def remove_cmd() -> None:
 
 
 @iptables_cli.command("install")
-@click.option("--proxy-uid", type=int, required=True, help="uid of the agent (never redirected)")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, help="Take every value from this agent config (the systemd way).")
+@click.option("--user", default="nodemesh", show_default=True,
+              help="With --config and no agent.proxy_uid: the agent's user, never redirected.")
+@click.option("--proxy-uid", type=int, default=None, help="uid of the agent (never redirected)")
 @click.option("--outbound-port", type=int, default=DEFAULT_OUTBOUND_PORT, show_default=True)
 @click.option("--consul-port", "consul_ports", type=int, multiple=True,
               help=f"never redirected [default: {' '.join(map(str, DEFAULT_CONSUL_PORTS))}]")
 @click.option("--exclude-port", "exclude_ports", type=int, multiple=True)
 @click.option("--exclude-cidr", "exclude_cidrs", multiple=True)
-def install_cmd(proxy_uid: int, outbound_port: int, consul_ports: tuple[int, ...],
-                exclude_ports: tuple[int, ...], exclude_cidrs: tuple[str, ...]) -> None:
+def install_cmd(config_path: Path | None, user: str, proxy_uid: int | None, outbound_port: int,
+                consul_ports: tuple[int, ...], exclude_ports: tuple[int, ...],
+                exclude_cidrs: tuple[str, ...]) -> None:
     """Install the rules idempotently (for a privileged helper step)."""
     try:
-        plan = InterceptionPlan(proxy_uid, outbound_port, consul_ports or DEFAULT_CONSUL_PORTS,
-                                exclude_ports, exclude_cidrs)
+        if config_path is not None:
+            plan = plan_from_config(load_agent_config(config_path), user)
+        elif proxy_uid is None:
+            raise click.UsageError("give --config with the agent's config, or --proxy-uid")
+        else:
+            plan = InterceptionPlan(proxy_uid, outbound_port, consul_ports or DEFAULT_CONSUL_PORTS,
+                                    exclude_ports, exclude_cidrs)
         install(plan)
         click.echo(show(), nl=False)
     except InterceptionError as e:
         raise _fail(e) from None
+    except ConfigError as e:
+        click.echo(f"nodemesh iptables: {e}", err=True)
+        sys.exit(e.exit_code)
+
+
+def plan_from_config(cfg: AgentConfig, user: str) -> InterceptionPlan:
+    """The rules an agent with ``cfg`` needs; its uid from the config, else ``user``'s."""
+    uid = cfg.proxy_uid
+    if uid is None:
+        try:
+            uid = pwd.getpwnam(user).pw_uid
+        except KeyError:
+            raise ConfigError(
+                f"user {user!r} does not exist; create the agent's user or set agent.proxy_uid"
+            ) from None
+    return InterceptionPlan(uid, cfg.outbound_addr[1], cfg.consul_ports, cfg.exclude_ports,
+                            cfg.exclude_cidrs)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ The stream is always closed, without waiting on a peer that may be gone.
 from __future__ import annotations
 
 import errno
+import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -26,8 +27,15 @@ class ListenError(NodemeshError):
     pass
 
 
-async def open_listener(addr: tuple[str, int], name: str) -> trio.SocketListener:
+async def open_listener(
+    addr: tuple[str, int], name: str, inherited: dict[str, socket.socket] | None = None
+) -> trio.SocketListener:
+    """A listener on ``addr``: systemd's socket named ``name`` when it passed one (it keeps
+    the socket open across restarts, ``sdnotify.listen_fds``), else a fresh one."""
     host, port = addr
+    sock = (inherited or {}).pop(name, None)
+    if sock is not None:
+        return _adopt(sock, addr, name)
     try:
         listeners = await trio.open_tcp_listeners(port, host=host, backlog=4096)
     except OSError as e:
@@ -38,6 +46,31 @@ async def open_listener(addr: tuple[str, int], name: str) -> trio.SocketListener
             f"cannot listen on {host}:{port} for {name}: {e.strerror}; {hint}"
         ) from None
     return listeners[0]
+
+
+def _adopt(sock: socket.socket, addr: tuple[str, int], name: str) -> trio.SocketListener:
+    try:
+        bound = sock.getsockname()
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as e:
+        raise ListenError(f"systemd passed an unusable socket for {name}: {e.strerror}") from None
+    if sock.type != socket.SOCK_STREAM or not listening:
+        raise ListenError(
+            f"systemd passed {name} a socket that is not a listening TCP socket; "
+            "use ListenStream= in nodemesh.socket"
+        )
+    host, port = addr
+    if (
+        not isinstance(bound, tuple)
+        or bound[1] != port
+        or (host not in ("0.0.0.0", "::") and bound[0] != host)
+    ):
+        shown = f"{bound[0]}:{bound[1]}" if isinstance(bound, tuple) else repr(bound)
+        raise ListenError(
+            f"systemd passed {name} a socket on {shown} but listen.{name} = {host}:{port}; "
+            f"make nodemesh.socket's ListenStream= for {name} match the config"
+        )
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
 async def _isolated(handler: Handler, name: str, stream: trio.SocketStream) -> None:
