@@ -293,8 +293,8 @@ async def test_controller_down_at_stop_the_restarted_agent_delivers_exactly_n(
     assert sum(s["count"] for r in reports for s in r["series"]) == 23
 
     async with controller(setup) as ctl, agent(setup, 2) as second:
-        # The restarted controller knows nothing yet; the restarted agent's backlog arrives,
-        # and the file goes once all it held is delivered.
+        # The controller never received these requests; the restarted agent's backlog brings
+        # them, and the file goes once all it held is delivered.
         with trio.fail_after(START_TIMEOUT):
             while path.exists():
                 await trio.sleep(0.2)
