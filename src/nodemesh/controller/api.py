@@ -40,6 +40,7 @@ import trio
 from nodemesh import log
 from nodemesh.controller import metrics
 from nodemesh.controller.catalog import ConsulUnavailable, NodeInfo
+from nodemesh.controller.journal import JournalError, MetricsJournal
 from nodemesh.errors import IdentityError, NodemeshError
 from nodemesh.identity import keys, spiffe, tls
 from nodemesh.identity.ca import CertificateAuthority
@@ -107,9 +108,11 @@ class ControllerApi:
         leaf_ttl: float,
         fleet: metrics.FleetMetrics | None = None,
         clock: Callable[[], float] = time.time,
+        journal: MetricsJournal | None = None,
     ) -> None:
         self.ca = ca
         self.fleet = fleet if fleet is not None else metrics.FleetMetrics()
+        self.journal = journal  # None: metrics live in memory only
         self._clock = clock
         self.catalog = catalog
         self._token = join_token.encode()
@@ -191,19 +194,28 @@ class ControllerApi:
         if caller.kind != "node":
             raise ApiError(403, f"{caller} is not a node; agents report with their node cert")
         try:
-            report = metrics.parse_report(json.loads(req.body))
+            doc = json.loads(req.body)
+            report = metrics.parse_report(doc)
         except (ValueError, RecursionError) as e:  # BadReport; JSON that does not parse
             why = str(e) if isinstance(e, metrics.BadReport) else "the body is not valid JSON"
             raise ApiError(400, f"bad metrics report: {why}") from None
         if report.agent != caller.uri:
             raise ApiError(403, f"agent = {report.agent!r} but the client certificate is {caller}")
-        done = self.fleet.ingest(report, self._clock())
+        if self.journal is None:
+            done = self.fleet.ingest(report, self._clock())
+        else:
+            self._check_replayed()
+            try:  # on disk before the 200 (controller/journal.py)
+                done = self.journal.record(self.fleet, doc, report, self._clock())
+            except JournalError as e:
+                raise ApiError(503, str(e)) from None
         if done.late:
             _log.info("metrics_report_late", agent=report.agent, seq=report.seq)
         return Response.json(200, {"accepted": True, "duplicate": done.duplicate})
 
     async def _metrics_query(self, req: Request) -> Response:
         self._caller(req)
+        self._check_replayed()
         args = dict(urllib.parse.parse_qsl(req.query))
         try:
             window = metrics.parse_window(args.get("window", "1m"))
@@ -223,6 +235,12 @@ class ControllerApi:
         if not hmac.compare_digest(token.strip().encode(), self._token):
             raise ApiError(
                 401, "the join token does not match this cluster's; check join_token_file"
+            )
+
+    def _check_replayed(self) -> None:
+        if self.journal is not None and not self.journal.ready:
+            raise ApiError(
+                503, "the controller is still replaying its metrics journal; retry in a moment"
             )
 
     def _caller(self, req: Request) -> SpiffeId:

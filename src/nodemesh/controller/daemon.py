@@ -21,6 +21,8 @@ from nodemesh import log
 from nodemesh.config import ControllerConfig, read_secret
 from nodemesh.controller.api import ControllerApi, serve_api
 from nodemesh.controller.catalog import CONTROLLER_SERVICE, Catalog, ConsulUnavailable
+from nodemesh.controller.journal import JOURNAL_DIR, MetricsJournal
+from nodemesh.controller.metrics import FleetMetrics
 from nodemesh.errors import ConfigError, IdentityError, NodemeshError
 from nodemesh.identity import keys, spiffe, tls
 from nodemesh.identity.ca import CertificateAuthority
@@ -91,10 +93,14 @@ async def serve_controller(
     ip, adv_port = await _advertise(cfg, catalog)
     me = spiffe.service_id(cfg.trust_domain, cfg.datacenter, CONTROLLER_SERVICE)
     own = OwnCertificate(ca, me, ip, cfg.leaf_ttl)
-    api = ControllerApi(ca, catalog, token, cfg.datacenter, cfg.leaf_ttl)
+    fleet = FleetMetrics()
+    journal = MetricsJournal(cfg.state_dir / JOURNAL_DIR)
+    api = ControllerApi(ca, catalog, token, cfg.datacenter, cfg.leaf_ttl, fleet, journal=journal)
     service_id = f"{CONTROLLER_SERVICE}-{cfg.node}"
     try:
         async with trio.open_nursery() as nursery:
+            # The CA serves at once; the metrics endpoints answer 503 until the replay is done.
+            nursery.start_soon(journal.load, fleet, time.time())
             listeners = await nursery.start(serve_api, api, cfg.listen, own.context)
             port = listeners[0].socket.getsockname()[1]
             nursery.start_soon(own.serve_renewal)
@@ -109,6 +115,7 @@ async def serve_controller(
             print(f"nodemesh controller listening on {bound[0]}:{port}", flush=True)
             task_status.started(bound)
     finally:
+        journal.close()
         with trio.CancelScope(shield=True), trio.move_on_after(DEREGISTER_TIMEOUT):
             try:
                 await catalog.deregister_controller(service_id)
