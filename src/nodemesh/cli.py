@@ -46,7 +46,7 @@ def agent(config_path: Path) -> None:
     except ConfigError as e:
         click.echo(f"nodemesh agent: {e}", err=True)
         sys.exit(e.exit_code)
-    sys.exit(run(cfg))
+    sys.exit(run(cfg, config_path))
 
 
 @main.command()
@@ -57,6 +57,7 @@ def version() -> None:
 
 # Commands defined next to the code they drive.
 from nodemesh.agent.iptables import iptables_cli  # noqa: E402
+from nodemesh.check.cli import check  # noqa: E402
 from nodemesh.controller.cli import ca, controller  # noqa: E402
 from nodemesh.lab.demo import demo  # noqa: E402
 from nodemesh.telemetry.commands import edges, stat  # noqa: E402
@@ -65,6 +66,7 @@ from nodemesh.top.cli import top  # noqa: E402
 
 main.add_command(stat, "stat")
 main.add_command(top, "top")
+main.add_command(check, "check")
 main.add_command(edges, "edges")
 main.add_command(routes_cmd, "routes")
 main.add_command(controller, "controller")

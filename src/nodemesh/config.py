@@ -11,6 +11,7 @@ Nothing else in nodemesh reads files or the environment for settings.  Tests bui
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import socket
@@ -361,6 +362,42 @@ def agent_config_from_mapping(raw: Mapping[str, Any], source: str = "agent.toml"
         log_format=v["log.format"],
         telemetry_interval=v["telemetry.interval"],
     )
+
+
+# AgentConfig fields the running agent reads at each use, so a reload (SIGHUP) applies them
+# to new connections and requests at once.  Every other field is bound at start (listeners,
+# identities, pools, Consul and controller clients, interception) and needs a restart.
+RELOADABLE = frozenset(
+    {
+        "outbound_connect_timeout",
+        "detect_timeout",
+        "opaque_ports",
+        "inbound_connect_timeout",
+        "inbound_idle_timeout",
+        "shutdown_grace",
+        "log_level",
+        "log_format",
+    }
+)
+
+
+def reload_plan(old: AgentConfig, new: AgentConfig) -> tuple[AgentConfig, list[str], list[str]]:
+    """(the config to run with, fields applied, fields that changed but need a restart).
+
+    The result is ``new`` for every reloadable field and ``old`` for the rest, so a reload never
+    half-applies a change the running agent cannot honour."""
+    applied: list[str] = []
+    pending: list[str] = []
+    keep: dict[str, Any] = {}
+    for f in dataclasses.fields(AgentConfig):
+        if getattr(old, f.name) == getattr(new, f.name):
+            continue
+        if f.name in RELOADABLE:
+            applied.append(f.name)
+        else:
+            pending.append(f.name)
+            keep[f.name] = getattr(old, f.name)
+    return dataclasses.replace(new, **keep), applied, pending
 
 
 def controller_config_from_mapping(

@@ -85,5 +85,7 @@ def listen_fds(env: MutableMapping[str, str] = os.environ) -> dict[str, socket.s
         fd = SD_LISTEN_FDS_START + i
         os.set_inheritable(fd, False)
         name = names[i] if i < len(names) and names[i] else f"fd{fd}"
+        if name in out:  # one socket unit names all its fds alike
+            name = f"{name}#{fd}"
         out[name] = socket.socket(fileno=fd)
     return out

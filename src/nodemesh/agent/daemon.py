@@ -7,6 +7,12 @@ Start order (each step reports before the next begins):
 4. install interception (iptables), only now that something listens on the outbound port;
 5. register as ``nodemesh`` in Consul, with a check on ``/ready``; print one line per listener.
 
+Under systemd (``systemd/nodemesh.service``) the listeners are the sockets ``nodemesh.socket``
+passes, interception is ``nodemesh-iptables.service``'s (``interception.install = "external"``),
+readiness, stopping and a watchdog ping from this loop go to systemd (``sdnotify``), and SIGHUP
+re-reads the config: what the running agent reads at each use applies at once, the rest is
+logged as needing a restart (``config.reload_plan``).
+
 Stop (SIGTERM/SIGINT): mark not ready, deregister, stop accepting, end idle keep-alive
 connections, let in-flight requests finish within ``shutdown.grace``, then remove interception
 and hand the last metrics interval and any unsent reports to the controller or the state dir.
@@ -21,18 +27,19 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
+from pathlib import Path
 
 import trio
 
-from nodemesh import __version__, log
+from nodemesh import __version__, log, sdnotify
 from nodemesh.agent import iptables
 from nodemesh.agent.admin import Admin
 from nodemesh.agent.state import AgentState
-from nodemesh.config import AgentConfig
+from nodemesh.config import AgentConfig, load_agent_config, reload_plan
 from nodemesh.discovery.consul import ConsulClient, ConsulUnavailable, http_check
 from nodemesh.discovery.snapshot import AGENT_SERVICE
 from nodemesh.discovery.watch import CatalogWatch, RoutesWatch
-from nodemesh.errors import NodemeshError
+from nodemesh.errors import ConfigError, NodemeshError
 from nodemesh.identity.client import ControllerClient, ControllerUnavailable
 from nodemesh.identity.store import IdentityStore, serve_identities
 from nodemesh.inbound.server import Inbound
@@ -105,7 +112,10 @@ async def _retry(what: str, fn: Callable[[], Awaitable[None]]) -> None:
 
 
 async def serve_agent(
-    cfg: AgentConfig, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    cfg: AgentConfig,
+    *,
+    config_path: Path | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     store = IdentityStore(
         cfg.trust_domain, cfg.datacenter, cfg.node, cfg.state_dir, alpn=("h2", "http/1.1")
@@ -116,11 +126,15 @@ async def serve_agent(
         _controller_address(cfg, agent), cfg.ca_file, cfg.join_token_file
     )
     outbound, inbound, admin = Outbound(agent), Inbound(agent), Admin(agent)
+    inherited = sdnotify.listen_fds()
     listeners = {
-        "outbound": await open_listener(cfg.outbound_addr, "outbound"),
-        "inbound": await open_listener(cfg.inbound_addr, "inbound"),
-        "admin": await open_listener(cfg.admin_addr, "admin"),
+        "outbound": await open_listener(cfg.outbound_addr, "outbound", inherited),
+        "inbound": await open_listener(cfg.inbound_addr, "inbound", inherited),
+        "admin": await open_listener(cfg.admin_addr, "admin", inherited),
     }
+    for name, sock in inherited.items():
+        _log.warning("systemd_socket_unused", name=name, address=str(sock.getsockname()))
+        sock.close()
     handlers = {"outbound": outbound.handle, "inbound": inbound.handle}
     idle = IdleSet()
     outbound.idle = inbound.idle = idle
@@ -136,16 +150,38 @@ async def serve_agent(
     intercepting = False
     reporter = ReporterStop()
 
+    def reload() -> None:
+        if config_path is None:
+            _log.warning("config_reload_skipped", why="the agent was not started from a file")
+            return
+        sdnotify.notify("RELOADING=1", "STATUS=reloading the config")
+        try:
+            new = load_agent_config(config_path)
+        except ConfigError as e:
+            _log.error("config_reload_failed", error=str(e), kept="the running config")
+            sdnotify.notify("READY=1", f"STATUS=serving; reload failed: {e}")
+            return
+        merged, applied, pending = reload_plan(agent.cfg, new)
+        agent.cfg = merged
+        log.configure(merged.log_level, merged.log_format)
+        _log.info("config_reloaded", applied=applied, needs_restart=pending)
+        sdnotify.notify("READY=1", f"STATUS=serving; reloaded ({len(applied)} changes applied)")
+
     async def watch_signals(root: trio.Nursery) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    reload()
+                    continue
                 _log.info("agent_stopping", signal=signal.Signals(signum).name)
+                sdnotify.notify("STOPPING=1", "STATUS=draining")
                 if not agent.listeners_ready.is_set():
                     root.cancel_scope.cancel()  # still starting: nothing to drain
                 stop.set()
 
     async with trio.open_nursery() as root:
         root.start_soon(watch_signals, root)
+        await root.start(sdnotify.serve_watchdog)
         # Admin first, so /live answers (and /ready says why not) during start-up.
         await root.start(serve_listener, listeners.pop("admin"), admin.handle, "admin")
         watch = CatalogWatch(consul, cfg.node, agent.publish)
@@ -187,15 +223,18 @@ async def serve_agent(
                                 f"nodemesh agent {name} listening on {addr[0]}:{addr[1]}",
                                 flush=True,
                             )
-                        if cfg.interception:
+                        if cfg.interception and cfg.interception_install == "agent":
                             # Set first: a partial install (chain without jump) is removed too.
                             intercepting = True
                             await trio.to_thread.run_sync(iptables.install, plan)
                             _log.info("interception_installed", proxy_uid=plan.proxy_uid)
+                        elif cfg.interception:
+                            _log.info("interception_external", by="nodemesh iptables install")
                         advertise = await _advertise_address(consul, cfg)
                         await _retry("register", lambda: _register(consul, cfg, advertise))
                         agent.listeners_ready.set()
                         _log.info("agent_ready", node=cfg.node, advertise=advertise)
+                        sdnotify.notify("READY=1", f"STATUS=serving as {cfg.node}")
                         task_status.started()
                         await stop.wait()
                         agent.draining = True
@@ -205,9 +244,9 @@ async def serve_agent(
                             "deregister", lambda: consul.deregister(f"{AGENT_SERVICE}-{cfg.node}")
                         )
                     idle.drain()
-                    drain_scope.deadline = trio.current_time() + cfg.shutdown_grace
+                    drain_scope.deadline = trio.current_time() + agent.cfg.shutdown_grace
             if drain_scope.cancelled_caught:
-                _log.warning("drain_grace_expired", grace=cfg.shutdown_grace)
+                _log.warning("drain_grace_expired", grace=agent.cfg.shutdown_grace)
         finally:
             if intercepting:
                 with trio.CancelScope(shield=True):
@@ -223,12 +262,12 @@ async def serve_agent(
     _log.info("agent_stopped")
 
 
-def run(cfg: AgentConfig) -> int:
+def run(cfg: AgentConfig, config_path: Path | None = None) -> int:
     """Run the agent until stopped; 0 on a clean stop, 1 with one line on stderr otherwise."""
     log.configure(cfg.log_level, cfg.log_format)
     failed = False
     try:
-        trio.run(serve_agent, cfg)
+        trio.run(partial(serve_agent, cfg, config_path=config_path))
     except* NodemeshError as eg:
         for e in eg.exceptions:
             print(f"nodemesh agent: {e}", file=sys.stderr)

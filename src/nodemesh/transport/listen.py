@@ -33,19 +33,38 @@ async def open_listener(
     """A listener on ``addr``: systemd's socket named ``name`` when it passed one (it keeps
     the socket open across restarts, ``sdnotify.listen_fds``), else a fresh one."""
     host, port = addr
-    sock = (inherited or {}).pop(name, None)
+    inherited = inherited if inherited is not None else {}
+    from_systemd = bool(inherited)
+    sock = inherited.pop(name, None)
+    if sock is None:
+        # One socket unit with several ListenStream= names every fd after the unit: match the
+        # configured address instead.
+        for key, candidate in list(inherited.items()):
+            if _bound_to(candidate, addr):
+                sock = inherited.pop(key)
+                break
     if sock is not None:
         return _adopt(sock, addr, name)
     try:
         listeners = await trio.open_tcp_listeners(port, host=host, backlog=4096)
     except OSError as e:
         hint = "another process holds it; stop it or change listen." + name
+        if from_systemd:
+            hint = f"systemd passed sockets, none on {host}:{port}; make nodemesh.socket match"
         if e.errno == errno.EADDRNOTAVAIL:
             hint = "the address is not on this host; fix listen." + name
         raise ListenError(
             f"cannot listen on {host}:{port} for {name}: {e.strerror}; {hint}"
         ) from None
     return listeners[0]
+
+
+def _bound_to(sock: socket.socket, addr: tuple[str, int]) -> bool:
+    try:
+        bound = sock.getsockname()
+    except OSError:
+        return False
+    return isinstance(bound, tuple) and bound[1] == addr[1] and bound[0] == addr[0]
 
 
 def _adopt(sock: socket.socket, addr: tuple[str, int], name: str) -> trio.SocketListener:
