@@ -339,3 +339,25 @@ def test_file_that_is_not_utf8(tmp_path: Path) -> None:
     p.write_bytes(b'[agent]\nnode = "\xff"\n')
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_agent_config(p)
+
+
+def test_reload_plan_applies_what_is_read_at_use_and_names_the_rest() -> None:
+    from dataclasses import replace
+
+    from nodemesh.config import RELOADABLE, agent_config_from_mapping, reload_plan
+
+    old = agent_config_from_mapping({}, "agent.toml")
+    new = replace(
+        old,
+        log_level="debug",
+        inbound_idle_timeout=5.0,
+        inbound_addr=("0.0.0.0", 9999),
+        state_dir=old.state_dir / "elsewhere",
+    )
+    merged, applied, pending = reload_plan(old, new)
+    assert sorted(applied) == ["inbound_idle_timeout", "log_level"]
+    assert sorted(pending) == ["inbound_addr", "state_dir"]
+    assert (merged.log_level, merged.inbound_idle_timeout) == ("debug", 5.0)
+    assert (merged.inbound_addr, merged.state_dir) == (old.inbound_addr, old.state_dir)
+    assert reload_plan(old, old) == (old, [], [])
+    assert RELOADABLE <= {f for f in old.__dataclass_fields__}
