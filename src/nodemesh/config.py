@@ -19,7 +19,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from nodemesh.errors import ConfigError
 
@@ -381,18 +381,24 @@ RELOADABLE = frozenset(
 )
 
 
-def reload_plan(old: AgentConfig, new: AgentConfig) -> tuple[AgentConfig, list[str], list[str]]:
+CONTROLLER_RELOADABLE = frozenset({"log_level", "log_format"})
+_Config = TypeVar("_Config", "AgentConfig", "ControllerConfig")
+
+
+def reload_plan(
+    old: _Config, new: _Config, reloadable: frozenset[str] = RELOADABLE
+) -> tuple[_Config, list[str], list[str]]:
     """(the config to run with, fields applied, fields that changed but need a restart).
 
     The result is ``new`` for every reloadable field and ``old`` for the rest, so a reload never
-    half-applies a change the running agent cannot honour."""
+    half-applies a change the running daemon cannot honour."""
     applied: list[str] = []
     pending: list[str] = []
     keep: dict[str, Any] = {}
-    for f in dataclasses.fields(AgentConfig):
+    for f in dataclasses.fields(old):
         if getattr(old, f.name) == getattr(new, f.name):
             continue
-        if f.name in RELOADABLE:
+        if f.name in reloadable:
             applied.append(f.name)
         else:
             pending.append(f.name)

@@ -59,7 +59,7 @@ def controller(config_path: Path) -> None:
         _fail("nodemesh controller", e)
     log.configure(cfg.log_level, cfg.log_format)
     try:
-        trio.run(run_controller, cfg)
+        trio.run(run_controller, cfg, config_path)
     except BaseException as e:  # unwrap exception groups for the operator
         found = _first_nodemesh_error(e)
         if found is None:

@@ -8,17 +8,22 @@ stop dialing a controller that is gone.
 from __future__ import annotations
 
 import ipaddress
-import os
 import random
 import signal
-import socket
 import ssl
 import time
+from pathlib import Path
 
 import trio
 
-from nodemesh import log
-from nodemesh.config import ControllerConfig, read_secret
+from nodemesh import log, sdnotify
+from nodemesh.config import (
+    CONTROLLER_RELOADABLE,
+    ControllerConfig,
+    load_controller_config,
+    read_secret,
+    reload_plan,
+)
 from nodemesh.controller.api import ControllerApi, serve_api
 from nodemesh.controller.catalog import CONTROLLER_SERVICE, Catalog, ConsulUnavailable
 from nodemesh.controller.journal import JOURNAL_DIR, MetricsJournal
@@ -124,17 +129,42 @@ async def serve_controller(
                 _log.warning("controller_deregister_failed", error=str(e))
 
 
-async def run_controller(cfg: ControllerConfig) -> None:
-    """``serve_controller`` plus SIGTERM/SIGINT → clean stop, and systemd readiness."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def run_controller(cfg: ControllerConfig, config_path: Path | None = None) -> None:
+    """``serve_controller`` plus what only a process needs: SIGTERM/SIGINT → clean stop,
+    SIGHUP → re-read the config (log settings apply; the rest is named as needing a restart),
+    and systemd's readiness, stopping and watchdog notifications."""
+    signals_wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    with trio.open_signal_receiver(*signals_wanted) as signals:
         async with trio.open_nursery() as nursery:
+            await nursery.start(sdnotify.serve_watchdog)
             await nursery.start(serve_controller, cfg)
-            _sd_notify(b"READY=1")
+            sdnotify.notify("READY=1", "STATUS=serving")
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    cfg = _reload(cfg, config_path)
+                    continue
                 _log.info("controller_stopping", signal=signal.Signals(signum).name)
-                _sd_notify(b"STOPPING=1")
+                sdnotify.notify("STOPPING=1", "STATUS=stopping")
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _reload(cfg: ControllerConfig, config_path: Path | None) -> ControllerConfig:
+    if config_path is None:
+        _log.warning("config_reload_skipped", why="the controller was not started from a file")
+        return cfg
+    sdnotify.notify("RELOADING=1", "STATUS=reloading the config")
+    try:
+        new = load_controller_config(config_path)
+    except ConfigError as e:
+        _log.error("config_reload_failed", error=str(e), kept="the running config")
+        sdnotify.notify("READY=1", f"STATUS=serving; reload failed: {e}")
+        return cfg
+    merged, applied, pending = reload_plan(cfg, new, CONTROLLER_RELOADABLE)
+    log.configure(merged.log_level, merged.log_format)
+    _log.info("config_reloaded", applied=applied, needs_restart=pending)
+    sdnotify.notify("READY=1", f"STATUS=serving; reloaded ({len(applied)} changes applied)")
+    return merged
 
 
 async def _advertise(cfg: ControllerConfig, catalog: Catalog) -> tuple[str, int | None]:
@@ -184,16 +214,3 @@ async def _keep_registered(catalog: Catalog, service_id: str, ip: str, port: int
         else:
             _log.info("controller_registered", service_id=service_id, address=f"{ip}:{port}")
             return
-
-
-def _sd_notify(message: bytes) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    addr = "\0" + path[1:] if path.startswith("@") else path
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        try:
-            s.sendto(message, addr)
-        except OSError as e:
-            _log.warning("sd_notify_failed", error=str(e))
