@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import zlib
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -62,7 +63,9 @@ def _controller_address(cfg: AgentConfig, agent: AgentState) -> Callable[[], str
             raise ControllerUnavailable(
                 "no healthy nodemesh-controller in Consul; start one or set controller.address"
             )
-        host, port = ctrls[hash(cfg.node) % len(ctrls)]
+        # A stable pick (str hash is salted per process): the same controller across
+        # restarts while the set stays the same, so its reports land in one place.
+        host, port = ctrls[zlib.crc32(cfg.node.encode()) % len(ctrls)]
         return f"{host}:{port}"
 
     return address
