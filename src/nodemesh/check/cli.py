@@ -14,8 +14,8 @@ import trio
 
 from nodemesh import log
 from nodemesh.check import checks, render
-from nodemesh.check.checks import Result
 from nodemesh.check.gather import gather_agent, gather_pre
+from nodemesh.check.results import Result
 from nodemesh.config import agent_config_from_mapping, load_agent_config
 from nodemesh.errors import ConfigError
 

@@ -12,7 +12,7 @@ import email.utils
 import ipaddress
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,10 +62,20 @@ class Socket:
 
 @dataclass(frozen=True)
 class Owner:
-    """The process holding a socket (found through ``/proc/<pid>/fd``)."""
+    """A process holding a socket (found through ``/proc/<pid>/fd``).
+
+    Under systemd socket activation pid 1 holds the agent's listeners too, and created them as
+    root: the uid that iptables must exclude is the agent *process*'s, never the socket's.
+    """
 
     pid: int
     command: str
+    uid: int | None  # effective uid: what the agent's outgoing sockets carry
+
+
+def agent_process(owners: Iterable[Owner]) -> Owner | None:
+    """The agent among a listener's holders: not pid 1 (systemd keeps activated sockets)."""
+    return next((o for o in owners if o.pid != 1), None)
 
 
 @dataclass(frozen=True)
@@ -130,7 +140,7 @@ class AgentFacts:
     certs: tuple[CertFacts, ...]  # the node's first, then one per service
     iptables: IptablesFacts
     sockets: tuple[Socket, ...] | None  # None: /proc/net/tcp could not be read
-    owners: Mapping[int, Owner] = field(default_factory=dict)  # socket inode -> process
+    owners: Mapping[int, tuple[Owner, ...]] = field(default_factory=dict)  # inode -> holders
     live: Reply = Reply(error="not asked")
     ready: Reply = Reply(error="not asked")
 
@@ -163,7 +173,7 @@ class PreFacts:
     modules: frozenset[str]  # xt_owner / xt_REDIRECT found among the loadable modules
     state_dir: StateDirFacts
     sockets: tuple[Socket, ...] | None
-    owners: Mapping[int, Owner]
+    owners: Mapping[int, tuple[Owner, ...]]
     consul_leader: Reply
 
 
@@ -299,6 +309,23 @@ def parse_http_date(value: str | None) -> float | None:
 def parse_names(text: str) -> frozenset[str]:
     """``/proc/net/ip_tables_matches`` and ``_targets``: one extension name per line."""
     return frozenset(line.strip() for line in text.splitlines() if line.strip())
+
+
+def parse_effective_uid(status_text: str) -> int | None:
+    """The effective uid from ``/proc/<pid>/status`` (``Uid: real effective saved fs``)."""
+    for line in status_text.splitlines():
+        if line.startswith("Uid:"):
+            try:
+                return int(line.split()[2])
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
+def admin_target(cfg: AgentConfig) -> tuple[str, int]:
+    """Where to reach the admin listener from this host (a wildcard means loopback)."""
+    host, port = cfg.admin_addr
+    return ("127.0.0.1" if host in ("0.0.0.0", "::") else host), port
 
 
 def parse_capabilities(status_text: str) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from nodemesh.check.checks import Level, Result
+from nodemesh.check.results import Level, Result
 
 MARKS: dict[Level, str] = {"ok": "√", "warning": "‼", "error": "×"}
 ASCII_MARKS: dict[Level, str] = {"ok": "[ok]", "warning": "[warn]", "error": "[FAIL]"}
