@@ -209,7 +209,9 @@ def test_flushed_and_removed_chain(lab: Lab) -> None:
     with _nat_restored(lab):
         _nat(lab, "-F", "NODEMESH_OUTPUT")
         run = _check(lab, sample="chain-flushed")
-        _failed(run, "chain NODEMESH_OUTPUT is empty", "restart the agent: it installs the rules")
+        _failed(
+            run, "chain NODEMESH_OUTPUT is empty", "restart the agent (systemctl restart nodemesh)"
+        )
         _nat(lab, "-D", "OUTPUT", *iptables.JUMP_RULE)
         _nat(lab, "-X", "NODEMESH_OUTPUT")
         run = _check(lab)
@@ -244,7 +246,11 @@ def test_redirect_loop(lab: Lab) -> None:
         )
         _nat(lab, "-D", "NODEMESH_OUTPUT", "2")  # the uid exclusion, now second
         run = _check(lab, sample="uid-rule-removed")
-        _failed(run, f"no rule excludes the agent's uid {uid}", "installs the uid exclusion first")
+        _failed(
+            run,
+            f"no rule excludes the agent's uid {uid}",
+            "reinstalls the chain and exactly one jump",
+        )
         _nat(
             lab, "-I", "NODEMESH_OUTPUT", "2", "-m", "owner", "--uid-owner", "4242", "-j", "RETURN"
         )
@@ -314,7 +320,11 @@ def test_agent_stopped(lab: Lab) -> None:
             "registers itself once it is ready",
         )
         # A clean stop removes the rules: nothing is redirected to the closed port.
-        _failed(run, "chain NODEMESH_OUTPUT is missing", "start the agent: it installs")
+        _failed(
+            run,
+            "chain NODEMESH_OUTPUT is missing",
+            "start the agent (systemctl start nodemesh): it installs",
+        )
         assert "agent answers /live" not in run.out
     finally:
         lab.start_agent(HOST)

@@ -450,7 +450,7 @@ BROKEN = [
         "chain-present",
         "error",
         "chain NODEMESH_OUTPUT is missing from the nat table",
-        "restart the agent: it installs the rules",
+        "restart the agent (systemctl restart nodemesh)",
         id="chain-missing",
     ),
     pytest.param(
@@ -487,7 +487,7 @@ BROKEN = [
         "jump-once",
         "warning",
         "at position 2",
-        "puts the jump first",
+        "first in OUTPUT",
         id="jump-not-first",
     ),
     pytest.param(
@@ -495,7 +495,7 @@ BROKEN = [
         "no-redirect-loop",
         "error",
         "no rule excludes the agent's uid 999 before the REDIRECT",
-        "installs the uid exclusion first",
+        "reinstalls the chain",
         id="uid-rule-removed",
     ),
     pytest.param(
@@ -517,7 +517,7 @@ BROKEN = [
         "no-redirect-loop",
         "error",
         "no rule excludes the agent's uid 999",
-        "uid exclusion first",
+        "reinstalls the chain",
         id="uid-rule-after-redirect",
     ),
     pytest.param(
@@ -525,7 +525,7 @@ BROKEN = [
         "redirect-last",
         "error",
         "has no REDIRECT rule",
-        "reinstalls the whole chain",
+        "reinstalls the chain",
         id="no-redirect",
     ),
     pytest.param(
@@ -538,7 +538,7 @@ BROKEN = [
         "redirect-last",
         "error",
         "the REDIRECT is rule 11 of 12, not the last",
-        "in order",
+        "reinstalls the chain",
         id="redirect-not-last",
     ),
     pytest.param(
@@ -548,7 +548,7 @@ BROKEN = [
         "redirect-last",
         "error",
         "sends to port 15001 but listen.outbound is port 4140",
-        "reinstalls the rules for listen.outbound",
+        "reinstalls the chain",
         id="redirect-wrong-port",
     ),
     # identity
@@ -772,7 +772,9 @@ def test_agent_stopped_shows_listeners_registration_and_rules() -> None:
     ]
     # Rules gone too: the outbound hint does not talk about removing them.
     assert "iptables remove" not in one(got, "listener-outbound").hint
-    assert "start the agent: it installs" in one(got, "chain-present").hint
+    assert (
+        "start the agent (systemctl start nodemesh): it installs" in one(got, "chain-present").hint
+    )
 
 
 def test_redirect_loop_judged_from_config_when_the_agent_is_not_running() -> None:
@@ -784,7 +786,7 @@ def test_redirect_loop_judged_from_config_when_the_agent_is_not_running() -> Non
     stale = replace(down, iptables=iptables_facts(nat_lines(InterceptionPlan(4242))))
     r = one(results(stale), "no-redirect-loop")
     assert r.level == "error" and "agent.proxy_uid is 999" in r.message
-    assert r.hint == "start the agent: it reinstalls the rules for agent.proxy_uid"
+    assert r.hint.startswith("start the agent (systemctl start nodemesh): it installs the rules")
     no_uid = replace(stale, cfg=replace(CFG, proxy_uid=None))
     r = one(results(no_uid), "no-redirect-loop")
     assert r.ok and "uid 4242 is excluded" in r.message and "not running" in r.message
@@ -860,3 +862,15 @@ def test_span(seconds: float, text: str) -> None:
 def test_one_line_flattens_and_bounds_consul_output() -> None:
     assert one_line("a\n  b\tc") == "a b c"
     assert one_line("x" * 300, 20) == "x" * 17 + "..."
+
+
+def test_external_installs_are_fixed_by_their_own_unit() -> None:
+    external = replace(CFG, interception_install="external")
+    f = replace(healthy(), cfg=external)
+    flushed = replace(f, iptables=iptables_facts(nat_lines(PLAN, jumps=2)))
+    r = one(results(flushed), "jump-once")
+    assert r.hint.startswith("run systemctl restart nodemesh-iptables")
+    assert 'interception.install = "external"' in r.hint
+    stale = replace(f, iptables=iptables_facts(nat_lines(InterceptionPlan(4242))))
+    r = one(results(stale), "no-redirect-loop")
+    assert r.hint.endswith("and systemctl restart nodemesh-iptables")

@@ -57,11 +57,7 @@ def interception(f: AgentFacts) -> list[Result]:
         return [fail(INTERCEPTION, "iptables-readable", f"cannot read the nat table: {err}", hint)]
     st = ipt.status
     agent = running_agent(f)
-    reinstall = (
-        "restart the agent: it installs the rules at start"
-        if agent is not None
-        else "start the agent: it installs the rules at start (and removes them when it stops)"
-    )
+    reinstall = _reinstall(cfg, path, agent is not None)
     if not st.chain_present:
         return [
             fail(
@@ -97,8 +93,7 @@ def interception(f: AgentFacts) -> list[Result]:
                 "jump-once",
                 f"OUTPUT jumps to {CHAIN} {st.jump_count} times: every connection walks the "
                 "chain more than once",
-                "restart the agent: it replaces the jumps with exactly one (or delete the extra "
-                "ones with `iptables -t nat -D OUTPUT <position>`)",
+                reinstall,
             )
         )
     elif st.jump_position != 1:
@@ -108,20 +103,42 @@ def interception(f: AgentFacts) -> list[Result]:
                 "jump-once",
                 f"OUTPUT jumps to {CHAIN} once, but at position {st.jump_position}: earlier nat "
                 "rules can take connections away from the mesh",
-                "restart the agent: it puts the jump first in OUTPUT",
+                reinstall,
             )
         )
     else:
         out.append(ok(INTERCEPTION, "jump-once", f"OUTPUT jumps to {CHAIN} once, first"))
     rules = _chain_rules(ipt.lines)
     redirect = next((i for i, r in enumerate(rules) if _after(r, "-j") == "REDIRECT"), None)
-    out.append(_uid_rule(f, rules, redirect, agent))
-    out.append(_redirect_rule(cfg, path, rules, redirect))
+    out.append(_uid_rule(f, rules, redirect, agent, reinstall))
+    out.append(_redirect_rule(cfg, rules, redirect, reinstall))
     return out
 
 
+def _reinstall(cfg: AgentConfig, path: Path, agent_running: bool) -> str:
+    """How to get the whole chain back, whoever installs it on this host."""
+    if cfg.interception_install == "external":
+        return (
+            "run systemctl restart nodemesh-iptables: it reinstalls the chain and exactly one "
+            f'jump, first in OUTPUT, from {path} (interception.install = "external")'
+        )
+    if agent_running:
+        return (
+            "restart the agent (systemctl restart nodemesh): it reinstalls the chain and "
+            "exactly one jump, first in OUTPUT"
+        )
+    return (
+        "start the agent (systemctl start nodemesh): it installs the rules at start and "
+        "removes them when it stops"
+    )
+
+
 def _uid_rule(
-    f: AgentFacts, rules: list[list[str]], redirect: int | None, agent: Owner | None
+    f: AgentFacts,
+    rules: list[list[str]],
+    redirect: int | None,
+    agent: Owner | None,
+    reinstall: str,
 ) -> Result:
     cfg, path = f.cfg, f.config_path
     end = len(rules) if redirect is None else redirect
@@ -140,7 +157,6 @@ def _uid_rule(
         uid, who, is_ = None, "", ""
     name = "no-redirect-loop"
     loop = "the agent's own connections loop back into it"
-    reinstall = "restart the agent: it installs the uid exclusion first in the chain"
     if uid is None:
         if excluded:
             return ok(
@@ -158,12 +174,17 @@ def _uid_rule(
         return fail(
             INTERCEPTION, name, f"no rule excludes {who} before the REDIRECT: {loop}", reinstall
         )
+    installer = (
+        "systemctl restart nodemesh-iptables"
+        if cfg.interception_install == "external"
+        else "restart the agent"
+    )
     if agent is None:
-        hint = "start the agent: it reinstalls the rules for agent.proxy_uid"
+        hint = reinstall  # the rules are stale: the config already says the right uid
     else:
         hint = (
-            f"set agent.proxy_uid = {uid} in {path} (or leave it out: the agent then uses "
-            "its own uid) and restart the agent"
+            f"set agent.proxy_uid = {uid} in {path} (or leave it out: the rules then exclude "
+            f"the agent's own user) and {installer}"
         )
     return fail(
         INTERCEPTION,
@@ -174,7 +195,7 @@ def _uid_rule(
 
 
 def _redirect_rule(
-    cfg: AgentConfig, path: Path, rules: list[list[str]], redirect: int | None
+    cfg: AgentConfig, rules: list[list[str]], redirect: int | None, reinstall: str
 ) -> Result:
     name, port = "redirect-last", cfg.outbound_addr[1]
     if redirect is None:
@@ -182,7 +203,7 @@ def _redirect_rule(
             INTERCEPTION,
             name,
             f"{CHAIN} has no REDIRECT rule: nothing is intercepted",
-            "restart the agent: it reinstalls the whole chain",
+            reinstall,
         )
     if redirect != len(rules) - 1:
         return fail(
@@ -190,7 +211,7 @@ def _redirect_rule(
             name,
             f"the REDIRECT is rule {redirect + 1} of {len(rules)}, not the last: the "
             "rules after it never match",
-            "restart the agent: it reinstalls the chain in order",
+            reinstall,
         )
     to = _after(rules[redirect], "--to-ports")
     if to != str(port):
@@ -199,7 +220,7 @@ def _redirect_rule(
             name,
             f"the REDIRECT sends to port {to} but listen.outbound is port {port}: intercepted "
             "connections go nowhere",
-            f"restart the agent so it reinstalls the rules for listen.outbound in {path}",
+            reinstall,
         )
     return ok(
         INTERCEPTION, name, f"REDIRECT is the last rule and sends to port {port} (listen.outbound)"
