@@ -21,7 +21,6 @@ from nodemesh.check.results import (
     AGENT,
     CONSUL,
     SERVICES,
-    START_AGENT,
     Result,
     addr,
     fail,
@@ -157,8 +156,8 @@ def registration(
                 AGENT,
                 "agent-registered",
                 f"the agent is not registered in Consul on node {cfg.node} (no service {sid})",
-                "the agent registers itself once it is ready and deregisters when it stops: "
-                f"{START_AGENT}",
+                "the agent registers itself once it is ready: start it (systemctl start "
+                "nodemesh), or fix what keeps it from being ready (listed here)",
             )
         ]
     out = [ok(AGENT, "agent-registered", f"agent is registered in Consul as {sid}")]
