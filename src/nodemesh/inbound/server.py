@@ -199,7 +199,7 @@ class InboundRoute:
     def record(self, req: h11.Request, status: int, elapsed: float) -> None:
         agent = self._in.agent
         route = classify(agent.routes, self.service, req.method, req.target)
-        agent.recorder.request("inbound", self.service, self._client.name, status, elapsed, route)
+        agent.recorder.request("inbound", self.service, self._client.uri, status, elapsed, route)
 
     # -- HTTP/2 streams from peer agents (``proxy.h2bridge.AppRoute``) --------------------------
 
@@ -244,7 +244,7 @@ class InboundRoute:
     def record_status(self, status: int, elapsed: float, pseudo: dict[bytes, bytes]) -> None:
         agent = self._in.agent
         route = classify(agent.routes, self.service, pseudo.get(b":method"), pseudo.get(b":path"))
-        agent.recorder.request("inbound", self.service, self._client.name, status, elapsed, route)
+        agent.recorder.request("inbound", self.service, self._client.uri, status, elapsed, route)
 
     async def tunnel_h2(self, stream: H2Stream, authority: bytes | None) -> None:
         """A CONNECT stream: answer 200 once the app is connected, then carry bytes."""

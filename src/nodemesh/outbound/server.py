@@ -331,7 +331,7 @@ class OutboundRoute:
         agent.recorder.request(
             "outbound",
             self.service,
-            agent.source_identity().name,
+            agent.source_identity().uri,
             status,
             elapsed,
             route,
