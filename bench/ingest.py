@@ -635,8 +635,70 @@ def table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """Tables for docs/benchmarks.md from one result file (so no number is copied by hand)."""
+    out = [
+        "| agents | reports/s sent / accepted | controller cores | CPU ms / report "
+        "| controller RSS MiB: idle, start → end of 60 s, peak | acceptance p50 / p90 / p99 / "
+        "max ms | errors | load generator cores | not ours cores | load avg before |",
+        "|---:|---:|---:|---:|---|---|---|---:|---:|---:|",
+    ]
+    for r in result["results"]:
+        lat, rss = r["accept_latency_ms"], r["rss_mib"]
+        errs = {k: v for k, v in r["outcomes"].items() if k not in ("ok", "duplicate")}
+        out.append(
+            f"| {r['agents']:,} | {r['expected_reports_per_s']:.0f} / {r['accepted_per_s']:.1f} "
+            f"| {r['controller_cores']:.2f} | {r['controller_cpu_ms_per_report']:.1f} "
+            f"| {rss['idle']:.0f}, {rss['start']:.0f} → {rss['end']:.0f}, {rss['peak']:.0f} "
+            f"| {lat['p50']:.0f} / {lat['p90']:.0f} / {lat['p99']:.0f} / {lat['max']:.0f} "
+            f"| {', '.join(f'{k}: {v}' for k, v in errs.items()) or '0'} "
+            f"| {r['load_generator_cores']:.2f} | {r['not_ours_cores']:.2f} "
+            f"| {r['loadavg_before']:.2f} |"
+        )
+    out += [
+        "",
+        "| agents | query (window=1m) | seconds, each run | controller CPU s | rows "
+        "| agents in the answer | overflow.series in the answer |",
+        "|---:|---|---|---|---:|---|---|",
+    ]
+    for r in result["results"]:
+        for by in ("service", "edge"):
+            qs = [q for q in r["queries"] if q["by"] == by]
+            ok = [q for q in qs if "error" not in q]
+            if not qs:
+                continue
+            secs = ", ".join(f"{q['seconds']:.1f}" for q in qs)
+            cpu = ", ".join(f"{q['controller_cpu_s']:.1f}" for q in ok)
+            out.append(
+                f"| {r['agents']:,} | by={by} | {secs} | {cpu} "
+                f"| {ok[-1]['rows'] if ok else '-'} "
+                f"| {', '.join(str(q['agents']) for q in ok)} "
+                f"| {', '.join(str(q['overflow']['series']) for q in ok)} |"
+            )
+    out += [
+        "",
+        "| agents | reports while the queries ran: outcomes | acceptance p50 / p99 / max ms, "
+        "overlapping a query | not overlapping | agents behind at the end (reports queued) |",
+        "|---:|---|---|---|---|",
+    ]
+    for r in result["results"]:
+        after = r["after_measuring"]
+        cells = []
+        for key in ("accept_latency_ms_overlapping_queries", "accept_latency_ms_not_overlapping"):
+            lat = after[key]
+            cells.append(f"{lat['p50']:.0f} / {lat['p99']:.0f} / {lat['max']:.0f}" if lat else "-")
+        behind = r["backlog_at_end"]
+        out.append(
+            f"| {r['agents']:,} | {', '.join(f'{k}: {v}' for k, v in after['outcomes'].items())} "
+            f"| {cells[0]} | {cells[1]} "
+            f"| {behind['agents_behind']} ({behind['reports_queued']}) |"
+        )
+    return "\n".join(out)
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--markdown", nargs="+", type=Path, help="print tables of result files")
     ap.add_argument("--agents", type=int, action="append", help="fleet size (repeatable)")
     ap.add_argument("--series", type=int, default=50, help="series per report")
     ap.add_argument("--interval", type=float, default=10.0, help="seconds between reports")
@@ -678,6 +740,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.markdown:
+        for path in args.markdown:
+            print(f"**{path.name}**\n\n{markdown(json.loads(path.read_text()))}\n")
+        return 0
     source.reexec_at(args.rev, Path(__file__).resolve(), argv)
     from mesh_http import machine  # the lab's imports only once the revision is chosen
 

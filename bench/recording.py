@@ -324,8 +324,45 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """Tables for docs/benchmarks.md from one result file (so no number is copied by hand)."""
+    pc = result["per_call"]
+    out = [
+        "| callable | ns per call, median | quartiles | min – max |",
+        "|---|---:|---|---|",
+    ]
+    for name, s in pc["ns_per_call"].items():
+        out.append(
+            f"| {name} | {s['median']:,.0f} | {s['q1']:,.0f} – {s['q3']:,.0f} "
+            f"| {s['low']:,.0f} – {s['high']:,.0f} |"
+        )
+    add = pc["recorder_minus_empty_ns"]
+    first = result["new_series"]["ns_per_first_request"]
+    out.append(
+        f"| recorder − empty, paired per round | {add['median']:,.0f} "
+        f"| {add['q1']:,.0f} – {add['q3']:,.0f} | {add['low']:,.0f} – {add['high']:,.0f} |"
+    )
+    out.append(
+        f"| first request of a new label set | {first['median']:,.0f} "
+        f"| {first['q1']:,.0f} – {first['q3']:,.0f} | {first['low']:,.0f} – {first['high']:,.0f} |"
+    )
+    out += [
+        "",
+        "| series | cut ms | build_report ms (cut + encodings) | json.dumps ms | body bytes |",
+        "|---:|---|---|---|---:|",
+    ]
+    for row in result["cut_and_report"]:
+        cells = [
+            f"{row[k]['median']:.2f} ({row[k]['low']:.2f} – {row[k]['high']:.2f})"
+            for k in ("cut_ms", "build_report_ms", "json_dumps_ms")
+        ]
+        out.append(f"| {row['series']:,} | {' | '.join(cells)} | {row['max_body_bytes']:,} |")
+    return "\n".join(out)
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--markdown", nargs="+", type=Path, help="print tables of result files")
     ap.add_argument("--calls", type=int, default=200_000, help="calls per pass")
     ap.add_argument("--rounds", type=int, default=15, help="passes per callable")
     ap.add_argument("--cut-rounds", type=int, default=7, help="cuts/reports per size")
@@ -382,6 +419,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.markdown:
+        for path in args.markdown:
+            print(f"**{path.name}**\n\n{markdown(json.loads(path.read_text()))}\n")
+        return 0
     source.reexec_at(args.rev, Path(__file__).resolve(), argv)
     try:
         result = run(args)
