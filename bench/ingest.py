@@ -15,8 +15,9 @@ in this process, N simulated agents:
   inbound, half outbound; services, callers, routes, upstream hosts and status classes as a
   host of a ~10-hosts-per-service fleet sees them), each with a real HDR V2 encoding drawn from
   a pool of histograms of realistic spreads (medians 0.3-80 ms, 1 % tail up to 100x, counts of
-  50-5,000 for 2xx series and 1-40 for error series).  Agents start at offsets spread evenly
-  (with jitter) over one interval, so the load is smooth, as a fleet's is.
+  10-1,000 for 2xx series and 1-40 for error series: about 1,000 requests/s per host).
+  Agents start at offsets spread evenly (with jitter) over one interval, so the load is
+  smooth, as a fleet's is.
 - **The wire.**  The agent's own ``ControllerClient.report_metrics``: a new TCP connection and
   a full TLS 1.3 handshake with the node certificate for every report, ``connection: close``
   (``identity/client.py`` does not reuse connections).  Only its TLS context is built once per
@@ -92,6 +93,8 @@ CALLERS = 8  # services that call each host's service
 UPSTREAMS = 4  # services each host calls
 ENDPOINTS = 3  # hosts serving each upstream
 HOSTS_PER_SERVICE = 10
+BUSY_COUNTS = (10, 1000)  # requests per 2xx series per interval: ~1,000 requests/s per host
+SPARSE_COUNTS = (1, 40)  # per 4xx/5xx series
 START_TIMEOUT = 30.0  # seconds for the controller to print its listening line
 QUERY_TIMEOUT = 120.0  # seconds for one query
 RSS_EVERY = 0.5  # seconds
@@ -123,11 +126,12 @@ def one_histogram(rng: random.Random, count: int) -> Hist:
 
 
 def histogram_pool(size: int, seed: int = 7) -> tuple[list[Hist], list[Hist]]:
-    """Histograms for busy (2xx) series, counts 50-5,000, and sparse ones, counts 1-40."""
+    """Histograms for busy (2xx) series, counts log-uniform in ``BUSY_COUNTS``, and sparse
+    (error) ones, counts uniform in ``SPARSE_COUNTS``."""
     rng = random.Random(seed)
-    busy = [one_histogram(rng, int(math.exp(rng.uniform(math.log(50), math.log(5000)))))
-            for _ in range(size)]  # fmt: skip
-    sparse = [one_histogram(rng, rng.randint(1, 40)) for _ in range(size)]
+    lo, hi = (math.log(c) for c in BUSY_COUNTS)
+    busy = [one_histogram(rng, round(math.exp(rng.uniform(lo, hi)))) for _ in range(size)]
+    sparse = [one_histogram(rng, rng.randint(*SPARSE_COUNTS)) for _ in range(size)]
     return busy, sparse
 
 
@@ -600,6 +604,7 @@ def run_scale(n: int, args: argparse.Namespace, consul_port: int, work: Path) ->
         "series": args.series,
         "interval_s": args.interval,
         "services": n_services(n),
+        "pool": {"size": args.pool, "busy_counts": BUSY_COUNTS, "sparse_counts": SPARSE_COUNTS},
         "hdr_chars": {"min": min(sizes), "median": sorted(sizes)[len(sizes) // 2],
                       "max": max(sizes)},
         "example_body_bytes": body,
