@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -40,15 +39,12 @@ LOADS = {  # route -> (path, count, rate)
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    spec = LabSpec(
+def lab_spec() -> LabSpec:
+    return LabSpec(
         servers=1,
         hosts=3,
         apps=(AppSpec("h2", "web", 8080), AppSpec("h3", "web", 8080)),
     )
-    with Lab(spec) as lab:
-        lab.start()
-        yield lab
 
 
 def _nodemesh(lab: Lab, *args: str) -> Any:
