@@ -29,9 +29,12 @@ Measured: one interval of warm-up, then ``--intervals`` intervals during which t
 CPU (``/proc/PID/stat`` utime+stime) and RSS are read at every interval boundary (RSS also
 sampled every 0.5 s for its peak), with every attempt's acceptance latency (connect to 200) and
 outcome.  Then, still under the load, ``GET /v1/metrics?window=1m&by=service`` and
-``by=edge``, ``--queries`` times each: latency, the controller's CPU during it, rows, and the
-acceptance latency of reports that overlapped a query.  ``--profile`` adds py-spy on the
-controller for one interval of ingest and for one query (raw stacks next to the JSON).
+``by=edge`` alternately, ``--queries`` times each, each once the fleet has caught up again (at
+most 2 % of agents holding an undelivered report; bounded by ``CATCH_UP_LIMIT``): latency,
+the controller's CPU during it, rows, the seconds the fleet needed to catch up before it, and
+the acceptance latency of reports that overlapped a query.  ``--profile`` then adds py-spy on
+the controller for one interval of ingest and for one more query (raw stacks next to the
+JSON), after the unprofiled numbers.
 
 Everything runs on this machine: the load generator (this process) competes with the
 controller for the same cores, and its CPU is reported beside the controller's.  Every phase is
@@ -97,6 +100,7 @@ BUSY_COUNTS = (10, 1000)  # requests per 2xx series per interval: ~1,000 request
 SPARSE_COUNTS = (1, 40)  # per 4xx/5xx series
 START_TIMEOUT = 30.0  # seconds for the controller to print its listening line
 QUERY_TIMEOUT = 120.0  # seconds for one query
+CATCH_UP_LIMIT = 30.0  # seconds to wait for the fleet's backlog to drain before a query
 RSS_EVERY = 0.5  # seconds
 QUIET_LOAD = 1.0  # 1-minute load average under which a fleet size starts
 
@@ -414,6 +418,55 @@ def busiest_others(before: dict[int, float], ours: set[int]) -> list[dict[str, A
     ]
 
 
+async def wait_caught_up(fleet: Fleet, limit: float) -> float | None:
+    """Seconds until at most 2 % of the agents hold an undelivered report (about those whose
+    report is on the wire), or None if that did not happen within ``limit``."""
+    t0 = trio.current_time()
+    with trio.move_on_after(limit):
+        # A condition over every agent's queue: a bounded 0.25 s poll is the simple check.
+        while sum(1 for b in fleet.backlog if b) > 1 + fleet.n // 50:  # noqa: ASYNC110
+            await trio.sleep(0.25)
+        return round(trio.current_time() - t0, 2)
+    return None
+
+
+class SpyRun:
+    """py-spy recording ``pid`` until stopped (SIGINT makes it write its file)."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        spy = Path(sys.executable).with_name("py-spy")
+        argv = [str(spy), "record", "--pid", str(pid), "--duration", f"{QUERY_TIMEOUT:.0f}",
+                "--rate", "100", "--format", "raw", "--nonblocking",
+                "--output", str(out)]  # fmt: skip
+        self.out = out
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def report(self) -> dict[str, Any]:
+        if not self.out.exists():
+            err = self.proc.stderr.read() if self.proc.stderr else b""
+            raise BenchError(f"py-spy on the controller wrote nothing: {err[-300:]!r}")
+        with self.out.open() as f:
+            return {"raw_file": self.out.name, **pyspy.report(pyspy.summarize(f))}
+
+
+@contextlib.contextmanager
+def py_spy_until_stopped(pid: int, out: Path) -> Iterator[SpyRun]:
+    run = SpyRun(pid, out)
+    try:
+        yield run
+    finally:
+        run.stop()
+
+
 def py_spy(pid: int, seconds: float, out: Path) -> dict[str, Any]:
     spy = Path(sys.executable).with_name("py-spy")
     argv = [str(spy), "record", "--pid", str(pid), "--duration", f"{math.ceil(seconds)}",
@@ -471,30 +524,28 @@ async def drive(
                 snaps.append(snapshot(fleet, pid))
                 say(f"{tag}: interval {k + 1}/{args.intervals}: {_interval_line(snaps[-2:])}")
             out["busiest_other_processes"] = busiest_others(others0, {pid, os.getpid()})
+            # Queries alternate by=service and by=edge, each once the fleet has caught up with
+            # what the previous one held back, so each starts from the same steady ingest.
+            for k in range(2 * args.queries):
+                caught_up = await wait_caught_up(fleet, CATCH_UP_LIMIT)
+                queries.append({**await query(fleet, ("service", "edge")[k % 2], pid),
+                                "caught_up_before_s": caught_up})  # fmt: skip
+                say(f"{tag}: {_query_line(queries[-1])}")
             if args.profile:
+                await wait_caught_up(fleet, CATCH_UP_LIMIT)
                 say(f"{tag}: py-spy on the controller for one interval of ingest")
                 path = args.out.with_name(f"{args.out.stem}-pyspy-{fleet.n}-ingest.txt")
                 out["profile_ingest"] = await trio.to_thread.run_sync(
                     py_spy, pid, fleet.interval, path
                 )
-            for by in ("service", "edge"):
-                for _ in range(args.queries):
-                    queries.append(await query(fleet, by, pid))
-                    say(f"{tag}: query by={by}: {_query_line(queries[-1])}")
-                    await trio.sleep(1.0)
-            if args.profile:
-                worst = max((q["seconds"] for q in queries), default=5.0)
+                await wait_caught_up(fleet, CATCH_UP_LIMIT)
+                say(f"{tag}: py-spy on the controller during one by=service query")
                 path = args.out.with_name(f"{args.out.stem}-pyspy-{fleet.n}-query.txt")
-                async with trio.open_nursery() as spy:
-                    box: dict[str, Any] = {}
-
-                    async def record() -> None:
-                        box["p"] = await trio.to_thread.run_sync(py_spy, pid, worst + 3, path)
-
-                    spy.start_soon(record)
+                with py_spy_until_stopped(pid, path) as spy:
                     await trio.sleep(1.0)
                     q = await query(fleet, "service", pid)
-                out["profile_query"] = {**box["p"], "query": q}
+                out["profile_query"] = {**spy.report(), "query": q}
+            out["caught_up_at_end_s"] = await wait_caught_up(fleet, CATCH_UP_LIMIT)
             final = snapshot(fleet, pid)
             out["rss_mib_after_queries"] = round(final.ctl_rss / 2**20, 1)
             nursery.cancel_scope.cancel()
@@ -514,10 +565,12 @@ def _interval_line(pair: Sequence[Snapshot]) -> str:
 
 
 def _query_line(q: dict[str, Any]) -> str:
+    head = f"query by={q['by']} (caught up after {q['caught_up_before_s']} s)"
     if "error" in q:
-        return f"failed after {q['seconds']:.1f} s: {q['error']}"
-    return (f"{q['seconds']:.2f} s, controller CPU {q['controller_cpu_s']:.2f} s, {q['rows']} rows,"
-            f" {q['requests']:,} requests, overflow {q['overflow']}")  # fmt: skip
+        return f"{head} failed after {q['seconds']:.1f} s: {q['error']}"
+    return (f"{head}: {q['seconds']:.2f} s, controller CPU {q['controller_cpu_s']:.2f} s, "
+            f"{q['rows']} rows, {q['agents']} agents, {q['requests']:,} requests, "
+            f"overflow {q['overflow']}")  # fmt: skip
 
 
 def summarize(
@@ -663,8 +716,8 @@ def markdown(result: dict[str, Any]) -> str:
     out += [
         "",
         "| agents | query (window=1m) | seconds, each run | controller CPU s | rows "
-        "| agents in the answer | overflow.series in the answer |",
-        "|---:|---|---|---|---:|---|---|",
+        "| agents in the answer | overflow.series in the answer | fleet caught up before it, s |",
+        "|---:|---|---|---|---:|---|---|---|",
     ]
     for r in result["results"]:
         for by in ("service", "edge"):
@@ -678,7 +731,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {r['agents']:,} | by={by} | {secs} | {cpu} "
                 f"| {ok[-1]['rows'] if ok else '-'} "
                 f"| {', '.join(str(q['agents']) for q in ok)} "
-                f"| {', '.join(str(q['overflow']['series']) for q in ok)} |"
+                f"| {', '.join(str(q['overflow']['series']) for q in ok)} "
+                f"| {', '.join(str(q['caught_up_before_s']) for q in qs)} |"
             )
     out += [
         "",
@@ -708,10 +762,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--series", type=int, default=50, help="series per report")
     ap.add_argument("--interval", type=float, default=10.0, help="seconds between reports")
     ap.add_argument("--warmup", type=int, default=1, help="intervals before measuring")
-    ap.add_argument("--intervals", type=int, default=6, help="intervals measured")
-    ap.add_argument("--queries", type=int, default=3, help="queries of each kind")
+    ap.add_argument("--intervals", type=int, default=5, help="intervals measured")
+    ap.add_argument("--queries", type=int, default=2, help="queries of each kind")
     ap.add_argument("--pool", type=int, default=256, help="distinct histograms of each kind")
-    ap.add_argument("--max-seconds", type=float, default=240.0, help="bound on one fleet's load")
+    ap.add_argument("--max-seconds", type=float, default=270.0, help="bound on one fleet's load")
     ap.add_argument("--profile", action="store_true", help="py-spy the controller")
     ap.add_argument(
         "--wait-quiet",
