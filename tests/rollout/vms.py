@@ -48,8 +48,9 @@ STOP_GRACE = 15.0  # seconds for a clean poweroff (the agent drains within shutd
 ANSIBLE_TIMEOUT = 300.0  # seconds for one playbook run; a full rollout takes well under a minute
 POLL = 0.2
 # Turn connection tracking on in each VM's namespace before anything connects, with one inert
-# rule (a conntrack match: a nat rule alone does not turn it on): installing nodemesh's rules would otherwise turn it on mid-session and stall ansible's
-# ssh connection (test_rules_keep_sessions.py shows it).  Drop this once that test passes.
+# rule (a conntrack match; a nat rule alone does not turn it on).  Otherwise installing
+# nodemesh's rules turns it on mid-session and stalls ansible's ssh connection
+# (test_rules_keep_sessions.py shows it).  Drop this once that test passes.
 PRIME_CONNTRACK = True
 PRIME_RULE = (
     "-t", "nat", "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "INVALID", "-m", "comment",
@@ -370,6 +371,8 @@ class Fleet:
             "ANSIBLE_HOME": str(home),
             "ANSIBLE_HOST_KEY_CHECKING": "False",
             "ANSIBLE_NOCOLOR": "1",
+            # The same output with a timestamp per line: where a slow run spent its time.
+            "ANSIBLE_LOG_PATH": str(log_path.with_suffix(".timed.log")),
             "ANSIBLE_FORCE_COLOR": "0",
             # A short-lived master connection per host: fast, and gone soon after the run.
             "ANSIBLE_SSH_ARGS": " ".join(
