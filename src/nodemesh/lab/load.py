@@ -23,6 +23,7 @@ import argparse
 import http.client
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -47,11 +48,16 @@ class Stats:
         self._lock = threading.Lock()
         self.start = now
         self.sent = 0
+        self.retried = 0  # idempotent requests sent again after a reused connection failed
         self.statuses: Counter[str] = Counter()
         self.total = HdrHistogram(LOWEST_US, HIGHEST_US, DIGITS)
         self.window = HdrHistogram(LOWEST_US, HIGHEST_US, DIGITS)
         self.window_start = now
         self.window_count = 0
+
+    def retry(self) -> None:
+        with self._lock:
+            self.retried += 1
 
     def record(self, outcome: str, latency_s: float) -> None:
         us = min(max(int(latency_s * 1e6), LOWEST_US), HIGHEST_US)
@@ -72,6 +78,7 @@ class Stats:
                 "sent": self.sent,
                 "ok": ok,
                 "failed": self.sent - ok,
+                "retried": self.retried,
                 "statuses": dict(sorted(self.statuses.items())),
                 "latency_ms": _percentiles(self.total),
                 "window": {
@@ -119,7 +126,27 @@ class Schedule:
             return due
 
 
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+def _dropped(conn: http.client.HTTPConnection) -> bool:
+    """The server closed this idle keep-alive connection (readable with nothing pending means
+    EOF): do not send on it.  urllib3 and most HTTP client libraries check this before reuse."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
 def _worker(url: str, method: str, timeout: float, sched: Schedule, stats: Stats) -> None:
+    """One client connection with keep-alive, behaving as RFC 9112 section 9.3.1 asks of HTTP
+    clients: a connection the server closed while idle is not reused, and an idempotent
+    request that fails on a *reused* connection before any response byte is sent once more on
+    a new connection (counted in ``retried``).  A failure on a fresh connection is a failure."""
     u = urlsplit(url)
     host, port = u.hostname or "127.0.0.1", u.port or 80
     path = (u.path or "/") + (f"?{u.query}" if u.query else "")
@@ -132,21 +159,32 @@ def _worker(url: str, method: str, timeout: float, sched: Schedule, stats: Stats
         if delay > 0 and sched.stopped.wait(delay):
             break
         start = due if sched.rate > 0 else time.monotonic()
-        if conn is None:
-            conn = http.client.HTTPConnection(host, port, timeout=timeout)
-        c = conn
-        try:
-            conn.request(method, path)
-            resp = conn.getresponse()
-            resp.read()
-            outcome = str(resp.status)
-            if resp.will_close:
-                conn.close()
-                conn = None
-        except (OSError, http.client.HTTPException) as e:
-            outcome = f"error:{type(e).__name__}"
-            c.close()
+        if conn is not None and _dropped(conn):
+            conn.close()
             conn = None
+        for attempt in (1, 2):
+            reused = conn is not None
+            if conn is None:
+                conn = http.client.HTTPConnection(host, port, timeout=timeout)
+            c = conn
+            started_response = False
+            try:
+                conn.request(method, path)
+                resp = conn.getresponse()
+                started_response = True
+                resp.read()
+                outcome = str(resp.status)
+                if resp.will_close:
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException) as e:
+                outcome = f"error:{type(e).__name__}"
+                c.close()
+                conn = None
+                if reused and not started_response and method in IDEMPOTENT and attempt == 1:
+                    stats.retry()
+                    continue
+            break
         stats.record(outcome, time.monotonic() - start)
     if conn is not None:
         conn.close()
