@@ -5,9 +5,9 @@ Found by the rollout: on a host whose network namespace had no connection tracki
 fresh VM with no firewall), the first nat rule turns conntrack on; the next packet the host
 sends on a connection opened before that is picked up mid-stream as a NEW connection, walks
 ``NODEMESH_OUTPUT`` and is redirected to the agent, so the session stalls.  ansible then waits
-forever for the result of the very task that installed the rules.  The rollout fleet works
-around it (``vms.PRIME_CONNTRACK``) until the rules match only connection-opening packets
-(``-p tcp --syn`` on the jump), which leaves packets of older connections untouched.
+forever for the result of the very task that installed the rules.  The jump now matches
+only connection-opening packets (``-p tcp --syn``), which leaves packets of older connections
+untouched.
 
 Two namespaces, no VM: a server in ``srv`` that speaks first after the rules go in (as sshd does
 with a command's output), a client in ``cli``, and the real ``nodemesh iptables install``.
@@ -56,11 +56,6 @@ def pair() -> Iterator[tuple[Host, Host]]:
         net.teardown()
 
 
-@pytest.mark.xfail(
-    reason="agent/iptables.py redirects mid-stream packets when the rules turn conntrack on; "
-    "fix: match only SYNs on the jump (-p tcp --syn)",
-    strict=True,
-)
 def test_installing_rules_keeps_a_connection_made_before_them(pair: tuple[Host, Host]) -> None:
     srv, cli = pair
     server_argv = netns.netns_argv(srv, [sys.executable, "-c", SERVER])

@@ -144,7 +144,7 @@ def test_bad_plans_name_the_value(kwargs: dict[str, object], fragment: str) -> N
 
 
 # `iptables -t nat -S` as iptables-nft 1.8.9 prints it after install (abridged chain).
-JUMP = ('-A OUTPUT -p tcp -m comment --comment'
+JUMP = ('-A OUTPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m comment --comment'
         ' "nodemesh: send outbound TCP through the nodemesh agent" -j NODEMESH_OUTPUT')
 INSTALLED = "\n".join([
     "-P PREROUTING ACCEPT", "-P INPUT ACCEPT", "-P OUTPUT ACCEPT", "-P POSTROUTING ACCEPT",
@@ -181,7 +181,8 @@ def test_parse_status(text: str, expected: InterceptionStatus) -> None:
 
 
 def test_removal_commands() -> None:
-    jump_spec = ["-p", "tcp", "-m", "comment", "--comment",
+    jump_spec = ["-p", "tcp", "-m", "tcp", "--tcp-flags", "FIN,SYN,RST,ACK", "SYN",
+                 "-m", "comment", "--comment",
                  "nodemesh: send outbound TCP through the nodemesh agent", "-j", "NODEMESH_OUTPUT"]
     assert removal_commands(INSTALLED) == [
         ["-D", "OUTPUT", *jump_spec],
@@ -200,7 +201,11 @@ def test_removal_commands() -> None:
 
 
 def test_jump_rule_matches_what_install_adds() -> None:
-    assert tuple(shlex.split(JUMP)[2:]) == iptables.JUMP_RULE
+    # iptables -S spells --syn out as the tcp match it stands for.
+    syn = ("-m", "tcp", "--tcp-flags", "FIN,SYN,RST,ACK", "SYN")
+    rule = iptables.JUMP_RULE
+    i = rule.index("--syn")
+    assert tuple(shlex.split(JUMP)[2:]) == (*rule[:i], *syn, *rule[i + 1 :])
 
 
 def test_missing_binary_says_how_to_fix() -> None:

@@ -53,7 +53,12 @@ RUN_TIMEOUT = 30.0
 
 JUMP_COMMENT = "nodemesh: send outbound TCP through the nodemesh agent"
 # Without -p tcp here, UDP (DNS) would walk the chain and only fall off its end; it never should.
-JUMP_RULE: tuple[str, ...] = ("-p", "tcp", "-m", "comment", "--comment", JUMP_COMMENT, "-j", CHAIN)
+# Only connection-opening packets (SYN): when the first nat rule turns connection tracking on
+# in a namespace that had none, packets of connections opened before it (the operator's ssh
+# session, ansible's) are seen as NEW mid-stream and would otherwise be redirected and stall.
+JUMP_RULE: tuple[str, ...] = (
+    "-p", "tcp", "--syn", "-m", "comment", "--comment", JUMP_COMMENT, "-j", CHAIN,
+)
 
 _log = log.get(__name__)
 
