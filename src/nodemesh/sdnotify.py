@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
+from pathlib import Path
+from typing import Any
 
 import trio
 
 from nodemesh import log
+from nodemesh.config import AgentConfig, ControllerConfig, reload_plan
+from nodemesh.errors import ConfigError
 
 SD_LISTEN_FDS_START = 3
 _log = log.get("nodemesh.systemd")
@@ -89,3 +93,30 @@ def listen_fds(env: MutableMapping[str, str] = os.environ) -> dict[str, socket.s
             name = f"{name}#{fd}"
         out[name] = socket.socket(fileno=fd)
     return out
+
+
+def reload_config(
+    current: Any,
+    path: Path | None,
+    load: Callable[[Path], Any],
+    reloadable: frozenset[str],
+    logger: Any,
+) -> Any:
+    """SIGHUP for either daemon: re-read ``path``, apply what ``reloadable`` allows, tell
+    systemd and the log; the running config (``current``) on any problem."""
+    assert isinstance(current, AgentConfig | ControllerConfig)
+    if path is None:
+        logger.warning("config_reload_skipped", why="not started from a config file")
+        return current
+    notify("RELOADING=1", "STATUS=reloading the config")
+    try:
+        new = load(path)
+    except ConfigError as e:
+        logger.error("config_reload_failed", error=str(e), kept="the running config")
+        notify("READY=1", f"STATUS=serving; reload failed: {e}")
+        return current
+    merged, applied, pending = reload_plan(current, new, reloadable)
+    log.configure(merged.log_level, merged.log_format)
+    logger.info("config_reloaded", applied=applied, needs_restart=pending)
+    notify("READY=1", f"STATUS=serving; reloaded ({len(applied)} changes applied)")
+    return merged

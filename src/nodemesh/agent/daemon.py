@@ -36,11 +36,11 @@ from nodemesh import __version__, log, sdnotify
 from nodemesh.agent import iptables
 from nodemesh.agent.admin import Admin
 from nodemesh.agent.state import AgentState
-from nodemesh.config import AgentConfig, load_agent_config, reload_plan
+from nodemesh.config import RELOADABLE, AgentConfig, load_agent_config
 from nodemesh.discovery.consul import ConsulClient, ConsulUnavailable, http_check
 from nodemesh.discovery.snapshot import AGENT_SERVICE
 from nodemesh.discovery.watch import CatalogWatch, RoutesWatch
-from nodemesh.errors import ConfigError, NodemeshError
+from nodemesh.errors import NodemeshError
 from nodemesh.identity.client import ControllerClient, ControllerUnavailable
 from nodemesh.identity.store import IdentityStore, serve_identities
 from nodemesh.inbound.server import Inbound
@@ -153,28 +153,13 @@ async def serve_agent(
     intercepting = False
     reporter = ReporterStop()
 
-    def reload() -> None:
-        if config_path is None:
-            _log.warning("config_reload_skipped", why="the agent was not started from a file")
-            return
-        sdnotify.notify("RELOADING=1", "STATUS=reloading the config")
-        try:
-            new = load_agent_config(config_path)
-        except ConfigError as e:
-            _log.error("config_reload_failed", error=str(e), kept="the running config")
-            sdnotify.notify("READY=1", f"STATUS=serving; reload failed: {e}")
-            return
-        merged, applied, pending = reload_plan(agent.cfg, new)
-        agent.cfg = merged
-        log.configure(merged.log_level, merged.log_format)
-        _log.info("config_reloaded", applied=applied, needs_restart=pending)
-        sdnotify.notify("READY=1", f"STATUS=serving; reloaded ({len(applied)} changes applied)")
-
     async def watch_signals(root: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    reload()
+                    agent.cfg = sdnotify.reload_config(
+                        agent.cfg, config_path, load_agent_config, RELOADABLE, _log
+                    )
                     continue
                 _log.info("agent_stopping", signal=signal.Signals(signum).name)
                 sdnotify.notify("STOPPING=1", "STATUS=draining")

@@ -22,7 +22,6 @@ from nodemesh.config import (
     ControllerConfig,
     load_controller_config,
     read_secret,
-    reload_plan,
 )
 from nodemesh.controller.api import ControllerApi, serve_api
 from nodemesh.controller.catalog import CONTROLLER_SERVICE, Catalog, ConsulUnavailable
@@ -141,30 +140,14 @@ async def run_controller(cfg: ControllerConfig, config_path: Path | None = None)
             sdnotify.notify("READY=1", "STATUS=serving")
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    cfg = _reload(cfg, config_path)
+                    cfg = sdnotify.reload_config(
+                        cfg, config_path, load_controller_config, CONTROLLER_RELOADABLE, _log
+                    )
                     continue
                 _log.info("controller_stopping", signal=signal.Signals(signum).name)
                 sdnotify.notify("STOPPING=1", "STATUS=stopping")
                 nursery.cancel_scope.cancel()
                 break
-
-
-def _reload(cfg: ControllerConfig, config_path: Path | None) -> ControllerConfig:
-    if config_path is None:
-        _log.warning("config_reload_skipped", why="the controller was not started from a file")
-        return cfg
-    sdnotify.notify("RELOADING=1", "STATUS=reloading the config")
-    try:
-        new = load_controller_config(config_path)
-    except ConfigError as e:
-        _log.error("config_reload_failed", error=str(e), kept="the running config")
-        sdnotify.notify("READY=1", f"STATUS=serving; reload failed: {e}")
-        return cfg
-    merged, applied, pending = reload_plan(cfg, new, CONTROLLER_RELOADABLE)
-    log.configure(merged.log_level, merged.log_format)
-    _log.info("config_reloaded", applied=applied, needs_restart=pending)
-    sdnotify.notify("READY=1", f"STATUS=serving; reloaded ({len(applied)} changes applied)")
-    return merged
 
 
 async def _advertise(cfg: ControllerConfig, catalog: Catalog) -> tuple[str, int | None]:
