@@ -763,7 +763,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--interval", type=float, default=10.0, help="seconds between reports")
     ap.add_argument("--warmup", type=int, default=1, help="intervals before measuring")
     ap.add_argument("--intervals", type=int, default=5, help="intervals measured")
-    ap.add_argument("--queries", type=int, default=2, help="queries of each kind")
+    ap.add_argument("--queries", type=int, default=1, help="queries of each kind")
     ap.add_argument("--pool", type=int, default=256, help="distinct histograms of each kind")
     ap.add_argument("--max-seconds", type=float, default=270.0, help="bound on one fleet's load")
     ap.add_argument("--profile", action="store_true", help="py-spy the controller")
