@@ -20,6 +20,8 @@ install and remove.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -46,6 +48,7 @@ WEB_PORT = 8080
 TRUST = "spiffe://nodemesh.local/dc/dc1"
 ADMIN = "http://127.0.0.1:4191"
 CONSUL = "http://127.0.0.1:8500"
+BUILTIN_CHAINS = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
 WAIT = 30.0  # seconds for any convergence: an app in the catalog, a route through the mesh
 LOAD_RATE = 40.0  # requests per second during the upgrade: steady, well below capacity
 
@@ -77,7 +80,6 @@ class Rollout:
     loads: list[Load] = field(default_factory=list)
     baseline_rules: dict[str, list[str]] = field(default_factory=dict)  # before any install
     baseline_files: dict[str, list[str]] = field(default_factory=dict)
-    upgrade_load: dict[str, Any] = field(default_factory=dict)  # the load's final statistics
     installed: bool = False
     removed: bool = False
 
@@ -108,9 +110,20 @@ class Rollout:
         return f"http://{self.vm(vm).ip}:{WEB_PORT}{path}"
 
     def rules(self, vm: str) -> list[str]:
-        """The VM's whole ruleset (every table), without counters or timestamps."""
+        """The VM's rules and chains in every table: what iptables-save shows, less counters,
+        comments, and built-in chains still at their ACCEPT policy (an empty table left behind
+        holds no rule)."""
         out = netns.run(self.vm(vm).host, ["iptables-save"]).stdout.decode()
-        return [line.split(" [")[0] for line in out.splitlines() if not line.startswith("#")]
+        kept = []
+        for line in out.splitlines():
+            line = line.split(" [")[0]
+            if (
+                line.startswith(("-A", "-I"))
+                or (line.startswith(":") and line.split()[0][1:] not in BUILTIN_CHAINS)
+                or (line.startswith(":") and line.split()[1] != "ACCEPT")
+            ):
+                kept.append(line)
+        return kept
 
     def named_files(self, vm: str) -> list[str]:
         """Every path on the VM's disk or in /run whose name mentions nodemesh or consul."""
@@ -159,7 +172,8 @@ def _inventory(fleet: Fleet, inputs: RolloutInputs) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def rollout(rollout_inputs: RolloutInputs) -> Iterator[Rollout]:
+def rollout(rollout_inputs: RolloutInputs, request: pytest.FixtureRequest) -> Iterator[Rollout]:
+    failed_before = request.session.testsfailed
     workdir = Path(tempfile.mkdtemp(prefix="nodemesh-rollout-"))
     workdir.chmod(0o755)
     spec = FleetSpec(rollout_inputs.rootfs, rollout_inputs.consul_binary, vms=VMS)
@@ -174,7 +188,11 @@ def rollout(rollout_inputs: RolloutInputs) -> Iterator[Rollout]:
     finally:
         state.stop_apps()
         problems = fleet.close()
-        print(f"\n==> rollout logs kept in {workdir}")
+        keep = os.environ.get("NODEMESH_LAB_KEEP", "") not in ("", "0")
+        if keep or problems or request.session.testsfailed > failed_before:
+            print(f"\n==> rollout logs (ansible, consoles, apps) kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
         if problems:
             pytest.fail("rollout teardown incomplete: " + "; ".join(problems))
 
@@ -316,7 +334,7 @@ def _versions(rollout: Rollout) -> dict[str, str]:
     return {e["Node"]: e["ServiceMeta"].get("version", "") for e in entries}
 
 
-def test_rolling_upgrade_under_steady_load(rollout: Rollout) -> None:
+def test_rolling_upgrade_under_steady_load_fails_no_request(rollout: Rollout) -> None:
     rollout.require_installed()
     _start_web(rollout)
     url = rollout.web_url(WEB[0])
@@ -357,18 +375,8 @@ def test_rolling_upgrade_under_steady_load(rollout: Rollout) -> None:
         assert _active(rollout.vm(name), "nodemesh.service") == "active"
     expected = LOAD_RATE * took * 0.8
     assert final["sent"] >= expected, f"the load stalled during the upgrade: {final}"
-    rollout.upgrade_load = final
-
-
-@pytest.mark.xfail(
-    reason="a restarting agent closes the apps' idle keep-alive connections; a client sending on "
-    "one at that moment loses the request (one per connection): agent drain, not the playbook",
-    strict=True,
-)
-def test_rolling_upgrade_failed_no_request(rollout: Rollout) -> None:
-    if not rollout.upgrade_load:
-        pytest.skip("needs the load statistics of test_rolling_upgrade_under_steady_load")
-    final = rollout.upgrade_load
+    # Zero: the hosts called were drained through Consul first, and the caller's agent hands
+    # its sockets to the next process (the load client retries as RFC 9112 9.3.1 allows).
     assert final["failed"] == 0, f"requests failed during the rolling upgrade: {final['statuses']}"
 
 

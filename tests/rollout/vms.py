@@ -47,15 +47,6 @@ BOOT_TIMEOUT = 60.0  # seconds; a container boots here in well under 2 s
 STOP_GRACE = 15.0  # seconds for a clean poweroff (the agent drains within shutdown.grace)
 ANSIBLE_TIMEOUT = 300.0  # seconds for one playbook run; a full rollout takes well under a minute
 POLL = 0.2
-# Turn connection tracking on in each VM's namespace before anything connects, with one inert
-# rule (a conntrack match; a nat rule alone does not turn it on).  Otherwise installing
-# nodemesh's rules turns it on mid-session and stalls ansible's ssh connection
-# (test_rules_keep_sessions.py shows it).  Drop this once that test passes.
-PRIME_CONNTRACK = True
-PRIME_RULE = (
-    "-t", "nat", "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "INVALID", "-m", "comment",
-    "--comment", "rollout test: conntrack on before ssh", "-j", "RETURN",
-)  # fmt: skip
 _RECAP = re.compile(
     r"^(?P<host>\S+)\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
     r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)",
@@ -208,10 +199,7 @@ class Fleet:
         for s in servers:
             self.consul.start_agent(s.name)
         for name in self.spec.vms:
-            host = self.net.add_host(name)
-            if PRIME_CONNTRACK:
-                netns.run(host, ["iptables", *PRIME_RULE])
-            self.vms[name] = self._boot(host)
+            self.vms[name] = self._boot(self.net.add_host(name))
         deadline = time.monotonic() + BOOT_TIMEOUT
         self.consul.wait_ready()
         for vm in self.vms.values():
