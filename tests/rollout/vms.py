@@ -366,7 +366,7 @@ class Fleet:
             "ANSIBLE_SSH_ARGS": " ".join(
                 [
                     "-o ControlMaster=auto",
-                    "-o ControlPersist=30s",
+                    "-o ControlPersist=120s",
                     "-o UserKnownHostsFile=/dev/null",
                     "-o StrictHostKeyChecking=no",
                     "-o LogLevel=ERROR",
