@@ -11,41 +11,16 @@ Consul servers, the control host) is built per module, see ``test_rollout.py``.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from nodemesh.lab.consul import find_binary
 from nodemesh.lab.netns import LabError
-from tests.rollout.vms import REPO
+from tests.rollout.vms import REPO, UPGRADE_LABEL, RolloutInputs, unmet
 
-NEEDED = ("ip", "systemd-nspawn", "nsenter", "ssh", "ssh-keygen", "curl", "debootstrap")
 BUILD_TIMEOUT = 900  # seconds; the first rootfs build takes about a minute here
-UPGRADE_LABEL = "rolloutnext"  # the local version of the build the upgrade test rolls out
-
-
-@dataclass(frozen=True)
-class RolloutInputs:
-    rootfs: Path
-    consul_binary: Path
-    wheelhouse: Path  # the tree as it is
-    wheelhouse_next: Path  # the same tree as version <version>+rolloutnext
-
-
-def unmet() -> str:
-    if os.geteuid() != 0:
-        return "rollout tests need root (containers, network namespaces); run scripts/test as root"
-    missing = [tool for tool in NEEDED if shutil.which(tool) is None]
-    if missing:
-        return f"rollout tests need {', '.join(missing)}; run scripts/bootstrap as root"
-    venv_bin = REPO / ".venv" / "bin"
-    if not (venv_bin / "ansible-playbook").exists():
-        return f"no ansible-playbook in {venv_bin}; run scripts/bootstrap (the test extra has it)"
-    return ""
 
 
 def _script(*argv: str) -> Path:

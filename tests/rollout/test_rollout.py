@@ -35,8 +35,7 @@ import pytest
 from nodemesh.lab import netns
 from nodemesh.lab.mesh import Load
 from nodemesh.lab.netns import LabError, Process
-from tests.rollout.conftest import UPGRADE_LABEL, RolloutInputs
-from tests.rollout.vms import VM, AnsibleRun, Fleet, FleetSpec
+from tests.rollout.vms import UPGRADE_LABEL, VM, AnsibleRun, Fleet, FleetSpec, RolloutInputs
 
 pytestmark = pytest.mark.rollout
 

@@ -24,7 +24,7 @@ import pytest
 
 from nodemesh.lab import netns
 from nodemesh.lab.netns import Host, Network
-from tests.rollout.conftest import unmet
+from tests.rollout.vms import unmet
 
 pytestmark = pytest.mark.rollout
 

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -52,6 +54,30 @@ _RECAP = re.compile(
     r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)",
     re.MULTILINE,
 )
+
+
+NEEDED = ("ip", "systemd-nspawn", "nsenter", "ssh", "ssh-keygen", "curl", "debootstrap")
+UPGRADE_LABEL = "rolloutnext"  # the local version of the build the upgrade test rolls out
+
+
+@dataclass(frozen=True)
+class RolloutInputs:
+    rootfs: Path
+    consul_binary: Path
+    wheelhouse: Path  # the tree as it is
+    wheelhouse_next: Path  # the same tree as version <version>+rolloutnext
+
+
+def unmet() -> str:
+    if os.geteuid() != 0:
+        return "rollout tests need root (containers, network namespaces); run scripts/test as root"
+    missing = [tool for tool in NEEDED if shutil.which(tool) is None]
+    if missing:
+        return f"rollout tests need {', '.join(missing)}; run scripts/bootstrap as root"
+    venv_bin = REPO / ".venv" / "bin"
+    if not (venv_bin / "ansible-playbook").exists():
+        return f"no ansible-playbook in {venv_bin}; run scripts/bootstrap (the test extra has it)"
+    return ""
 
 
 @dataclass(frozen=True)
