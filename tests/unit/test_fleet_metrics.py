@@ -276,7 +276,7 @@ def test_series_over_the_per_report_cap_are_dropped_and_counted(
 def test_series_over_the_total_cap_are_dropped_and_counted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(fm, "MAX_ENTRIES", 4)
+    monkeypatch.setattr(fm, "MAX_PENDING", 4)
     fleet = FleetMetrics()
     for node in range(3):
         items = [series([1], service=f"s{i}") for i in range(2)]

@@ -98,7 +98,7 @@ def test_only_new_reports_are_journaled_one_line_each_in_the_file_of_their_slot(
 def test_a_line_holds_only_the_series_memory_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(metrics, "MAX_ENTRIES", 3)
+    monkeypatch.setattr(metrics, "MAX_PENDING", 3)
     journal, fleet = MetricsJournal(tmp_path), FleetMetrics()
     doc = report(0, T0 + 10, [series([100 * (i + 1)], service=f"s{i}") for i in range(5)])
     record(journal, fleet, doc, T0 + 15)

@@ -35,6 +35,8 @@ from nodemesh.identity.keys import LeafInfo
 _log = log.get("nodemesh.controller")
 REGISTER_BACKOFF_CAP = 30.0  # seconds between attempts to register while Consul is away
 DEREGISTER_TIMEOUT = 5.0  # seconds a clean stop may spend telling Consul
+COMPACT_WORK = 500  # histogram merges per compaction step: ~10 ms, then the API's turn
+COMPACT_IDLE = 1.0  # seconds between looks when no slot is due
 
 
 class OwnCertificate:
@@ -104,7 +106,7 @@ async def serve_controller(
     try:
         async with trio.open_nursery() as nursery:
             # The CA serves at once; the metrics endpoints answer 503 until the replay is done.
-            nursery.start_soon(journal.load, fleet, time.time())
+            nursery.start_soon(_serve_metrics_upkeep, fleet, journal)
             listeners = await nursery.start(serve_api, api, cfg.listen, own.context)
             port = listeners[0].socket.getsockname()[1]
             nursery.start_soon(own.serve_renewal)
@@ -126,6 +128,15 @@ async def serve_controller(
                 _log.info("controller_deregistered", service_id=service_id)
             except ConsulUnavailable as e:
                 _log.warning("controller_deregister_failed", error=str(e))
+
+
+async def _serve_metrics_upkeep(fleet: FleetMetrics, journal: MetricsJournal) -> None:
+    """Replay the journal, then fold closed slots in small steps between the API's work
+    (controller/metrics.py, "Stepping")."""
+    await journal.load(fleet, time.time())
+    while True:
+        more = fleet.compact(time.time(), COMPACT_WORK)
+        await trio.sleep(0 if more else COMPACT_IDLE)
 
 
 async def run_controller(cfg: ControllerConfig, config_path: Path | None = None) -> None:

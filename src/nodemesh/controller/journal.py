@@ -156,6 +156,9 @@ class MetricsJournal:
                 continue
             done.files += 1
             self._replay_file(path, fleet, now, done)
+            # Fold as it goes (no slot after this one is complete yet), so pending series stay
+            # one slot's worth and the blocks are built once.
+            fleet.compact(now, through=slot)
         done.seconds = round(time.monotonic() - started, 3)
         self._next_prune = now + metrics.SLOT_S
         _log.info(

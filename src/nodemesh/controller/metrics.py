@@ -10,13 +10,35 @@ identity and a sequence number (docs/observability.md, "Controller metrics API")
   every seq was seen, plus the few seqs seen above it.  An agent delivers its backlog in order,
   so the set stays tiny; past ``MAX_SEEN`` entries the mark moves up to the oldest of them (a
   seq below it that never came is one the agent dropped and counted itself).
-- **Exact percentiles.**  Histograms are kept as received (compressed, a few hundred bytes)
-  in 10 s slots and merged at query time; merging HDR histograms loses nothing, so a fleet
-  percentile is the percentile of one histogram fed every request, to 3 significant digits.
-  Keeping the encodings rather than decoded arrays (140 KB each) is what bounds memory.
-- **Bounded memory.**  Slots older than ``RETENTION_S`` go; series beyond
-  ``MAX_SERIES_PER_REPORT`` in one report, and stored histograms beyond ``MAX_ENTRIES`` in
-  all, are dropped and counted in ``overflow``, never an error for the agent.
+- **Exact percentiles.**  Merging HDR histograms loses nothing, so a fleet percentile is the
+  percentile of one histogram fed every request, to 3 significant digits.  Histograms are
+  always kept encoded (a decoded one is 140 KB) and merged one at a time (cells.py).
+- **Open slots keep what agents sent.**  A report lands in the 10 s slot of its ``end`` as one
+  pending entry per series: its varint counts, checked and inflated once by ``parse_report``.
+- **Closed slots are compacted, once.**  ``LATE_SLOTS`` slots after a slot ended (20 s:
+  agents send as their interval ends and a healthy controller answers in milliseconds, so
+  only backlogs come later) its pending entries are folded into three tables per direction:
+  one cell per edge-route (caller, service, route), per serving host, and per service.  Every
+  grouping the API serves is a merge of one of them: route and edge of edge-route cells.
+  A report that comes later still lands as pending entries of its slot, counted in every
+  answer at once, and the next step folds it into the slot's cells: late is exact, dearer.
+- **Five-minute blocks.**  Compacted slots are added, a minute's worth at a time, to their
+  block's tables for all five groupings.  A query takes whole blocks where the window covers
+  them and slots only at its ragged start, plus what a block does not hold yet (the newest
+  slots, pending entries): a 1 h row merges a few dozen cells, not 360 slots' worth.
+- **Stepping.**  Compaction is explicit work: ``compact(now, work)`` does about ``work``
+  histogram merges (~15 µs each) and returns; the controller calls it between requests
+  (daemon.py), the journal's replay after each slot file.  A job builds its tables aside and
+  swaps them in at its end, so no answer ever sees half a fold.
+- **Bounded memory.**  Slots older than ``RETENTION_S`` go.  Series beyond
+  ``MAX_SERIES_PER_REPORT`` in one report, or beyond ``MAX_PENDING`` waiting in all (after
+  ingest first folds whatever is due itself), are dropped and counted (``overflow.series``).
+  Compacted tables beyond ``MAX_STORED_BYTES`` cost the oldest slots their 10 s detail: their
+  block stays, windows reaching back there narrow to whole blocks (the answer's ``start`` and
+  ``window_s`` say so) and ``overflow.slots_coarsened`` counts them; only if blocks alone are
+  too many does the oldest go (``overflow.blocks_evicted``).  An hour of 1,000 agents x 50
+  series needs about 3.5 GB at 10 s detail (measured, bench/ingest.py's histograms); the
+  bound keeps the newest ~20 minutes of it at 10 s and the rest in blocks.
 
 All of it is synchronous and takes ``now`` from the caller, so tests drive time directly.
 """
@@ -24,14 +46,29 @@ All of it is synchronous and takes ``now`` from the caller, so tests drive time 
 from __future__ import annotations
 
 import base64
+import binascii
 import math
 import re
-from collections.abc import Iterable
+import threading
+from array import array
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
+from nodemesh.controller.cells import (
+    DERIVED,
+    EMPTY,
+    Accumulator,
+    Item,
+    Key,
+    KeyRing,
+    Table,
+    build_table,
+    merge_tables,
+    v2_counts,
+)
 from nodemesh.identity import spiffe
 from nodemesh.telemetry.metrics import (
     DEFAULT_ROUTE,
@@ -45,7 +82,11 @@ SLOT_S = 10  # seconds per slot; the agents' default interval
 RETENTION_S = 3600 + SLOT_S  # one full hour of windows, plus the slot being filled
 MAX_WINDOW_S = 3600
 MAX_SERIES_PER_REPORT = 500
-MAX_ENTRIES = 500_000  # stored histograms over all slots: ~200 MB at a few hundred bytes each
+LATE_SLOTS = 2  # slots a slot stays open after it ended (see the module doc)
+BLOCK_SLOTS = 30  # five minutes: the second tier
+GROW_EVERY = 6  # compacted slots added to their block together: once a minute
+MAX_PENDING = 300_000  # raw series awaiting compaction; see the module doc for the sizing
+MAX_STORED_BYTES = 1_200_000_000  # compacted tables of slots and blocks
 MAX_SEEN = 256  # seqs remembered above an agent's high-water mark
 MAX_HDR_CHARS = 64 * 1024  # one series' encoding; a full 3-digit histogram compresses far below
 DIRECTIONS = ("inbound", "outbound")
@@ -69,6 +110,7 @@ class SeriesReport:
     labels: Labels
     count: int
     hdr: bytes  # the V2 encoding, base64, as the agent sent it
+    counts: bytes  # its plain varint counts, what merges read (cells.py)
 
 
 @dataclass(frozen=True)
@@ -161,15 +203,27 @@ def _series(s: Any, where: str) -> SeriesReport:
     hdr = s.get("hdr")
     if not isinstance(hdr, str) or not 0 < len(hdr) <= MAX_HDR_CHARS:
         raise BadReport(f"{where}.hdr is not a base64 HdrHistogram V2 encoding")
-    h = decode(hdr.encode("ascii", "replace"))
-    if h is None:
-        raise BadReport(f"{where}.hdr is not a base64 HdrHistogram V2 encoding of 1 µs..60 s")
-    if h.get_total_count() != count:
+    try:
+        raw = base64.b64decode(hdr.encode("ascii", "replace"), validate=True)
+        counts, total = v2_counts(raw, _scratch())
+    except (binascii.Error, ValueError):
         raise BadReport(
-            f"{where}.count = {count} but its histogram holds {h.get_total_count()} values"
-        )
+            f"{where}.hdr is not a base64 HdrHistogram V2 encoding of 1 µs..60 s"
+        ) from None
+    if total != count:
+        raise BadReport(f"{where}.count = {count} but its histogram holds {total} values")
     labels = (direction, service, peer, status, route, endpoint)
-    return SeriesReport(labels, count, hdr.encode("ascii"))
+    return SeriesReport(labels, count, hdr.encode("ascii"), counts)
+
+
+_per_thread = threading.local()  # the journal replays in a worker thread while the API parses
+
+
+def _scratch() -> Accumulator:
+    acc: Accumulator | None = getattr(_per_thread, "acc", None)
+    if acc is None:
+        acc = _per_thread.acc = Accumulator()
+    return acc
 
 
 def _tcp(t: Any, where: str) -> TcpReport:
@@ -241,16 +295,57 @@ class _Seen:
         return True
 
 
-@dataclass
-class _Cell:
-    count: int = 0
-    hdrs: list[bytes] = field(default_factory=list)
+# edge-route key, serving-host key, reporting host id, requests, failures, plain varint counts
+_Entry = tuple[Key, Key, int, int, int, bytes]
 
 
-@dataclass
+@dataclass(eq=False)
+class _Tcp:
+    """TCP counter deltas as reported, appended: (reporting host, service key, 4 sums)."""
+
+    hosts: array[int] = field(default_factory=lambda: array("I"))
+    keys: list[Key] = field(default_factory=list)
+    sums: array[int] = field(default_factory=lambda: array("Q"))  # 4 per entry
+
+    def add(self, host: int, key: Key, sums: Iterable[int]) -> None:
+        self.hosts.append(host)
+        self.keys.append(key)
+        self.sums.extend(sums)
+
+    def extend(self, other: _Tcp) -> None:
+        self.hosts.extend(other.hosts)
+        self.keys.extend(other.keys)
+        self.sums.extend(other.sums)
+
+    def nbytes(self) -> int:
+        return 4 * len(self.hosts) + 8 * len(self.keys) + 8 * len(self.sums)
+
+
+@dataclass(eq=False)
 class _Slot:
-    series: dict[tuple[str, Labels], _Cell] = field(default_factory=dict)
-    tcp: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)  # host, dir, svc
+    pending: list[_Entry] = field(default_factory=list)  # series not yet in ``tables``
+    tables: dict[tuple[str, str], Table] = field(default_factory=dict)  # _SLOT_TABLES
+    tcp: _Tcp = field(default_factory=_Tcp)
+    agents: set[int] = field(default_factory=set)  # hosts with a series kept here
+    series: int = 0  # series accepted, pending or compacted
+    in_block: bool = False  # ``tables`` are in the block's; later folds go to both
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes() for t in self.tables.values()) + self.tcp.nbytes()
+
+
+@dataclass(eq=False)
+class _Block:
+    """The tables of its slots marked ``in_block``, in all five groupings, and the TCP counters
+    and agents of all its slots."""
+
+    tables: dict[tuple[str, str], Table]  # (grouping, direction)
+    tcp: _Tcp
+    agents: set[int]
+    last: int  # its newest slot with anything in it: a window must reach it to use the block
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes() for t in self.tables.values()) + self.tcp.nbytes()
 
 
 @dataclass
@@ -258,6 +353,8 @@ class Overflow:
     series: int = 0  # series dropped by the caps
     late_reports: int = 0  # reports for slots already gone
     reports_dropped_by_agents: int = 0  # the agents' own backlog drops, as they reported them
+    slots_coarsened: int = 0  # slots whose 10 s detail went for memory (their block stays)
+    blocks_evicted: int = 0  # five-minute blocks that went for memory before their hour
 
 
 @dataclass(frozen=True)
@@ -266,17 +363,57 @@ class Ingested:
     late: bool = False
 
 
+@dataclass(frozen=True)
+class FleetStatistics:
+    """What ``FleetMetrics`` holds, for logs, tests and benchmarks."""
+
+    slots: int
+    blocks: int
+    pending: int  # raw series awaiting compaction
+    slot_bytes: int  # compacted tables and TCP counters of slots
+    block_bytes: int  # the same of blocks
+    keys: int
+    compacting: bool
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.slot_bytes + self.block_bytes
+
+
 class FleetMetrics:
     def __init__(self) -> None:
         self._seen: dict[str, _Seen] = {}
         self._slots: dict[int, _Slot] = {}
+        self._blocks: dict[int, _Block] = {}
         self._agent_dropped: dict[str, int] = {}
-        self._entries = 0
+        self._keys = KeyRing()
+        self._host_ids: dict[str, int] = {}
+        self._host_names: list[str] = []
+        self._entries = 0  # series in retained slots, pending or compacted
+        self._pending = 0
+        self._fine_floor = -(2**62)  # slots below it were coarsened: only blocks remain
+        self._floor = -(2**62)  # blocks below it were evicted too
+        self._now = 0.0  # the latest ``now`` a caller gave
+        self._job: Generator[int, None, None] | None = None
+        self._acc = Accumulator()  # for queries; a job has its own
         self.overflow = Overflow()
 
     def __repr__(self) -> str:
         n_agents, n_slots = len(self._seen), len(self._slots)
         return f"<FleetMetrics agents={n_agents} slots={n_slots} entries={self._entries}>"
+
+    def statistics(self) -> FleetStatistics:
+        return FleetStatistics(
+            slots=len(self._slots),
+            blocks=len(self._blocks),
+            pending=self._pending,
+            slot_bytes=sum(s.nbytes() for s in self._slots.values()),
+            block_bytes=sum(b.nbytes() for b in self._blocks.values()),
+            keys=len(self._keys),
+            compacting=self._job is not None,
+        )
+
+    # --- ingest ----------------------------------------------------------------------------
 
     def ingest(self, report: Report, now: float) -> Ingested:
         seen = self._seen.setdefault(report.agent, _Seen())
@@ -288,29 +425,218 @@ class FleetMetrics:
         self.overflow.reports_dropped_by_agents = sum(self._agent_dropped.values())
         self._prune(now)
         index = slot_of(report.end)
-        if index < slot_of(now) - RETENTION_S // SLOT_S + 1:
+        if index < self._oldest(now):
             self.overflow.late_reports += 1
             return Ingested(duplicate=False, late=True)
         slot = self._slots.setdefault(index, _Slot())
+        host = self._host_id(report.host)
+        if self._pending + len(report.series) > MAX_PENDING:
+            self._make_room(now)
         for i, s in enumerate(report.series):
-            if i >= MAX_SERIES_PER_REPORT or self._entries >= MAX_ENTRIES:
+            if i >= MAX_SERIES_PER_REPORT or self._pending >= MAX_PENDING:
                 self.overflow.series += 1
                 continue
-            cell = slot.series.setdefault((report.host, s.labels), _Cell())
-            cell.count += s.count
-            cell.hdrs.append(s.hdr)
+            direction, service, peer, status, route, endpoint = s.labels
+            edge_route = self._keys.get("edge_route", direction, (peer, service, route))
+            served = self._keys.get("host", direction, (endpoint or report.host,))
+            failed = s.count if status in FAILED else 0
+            slot.pending.append((edge_route, served, host, s.count, failed, s.counts))
+            slot.series += 1
+            slot.agents.add(host)
+            self._pending += 1
             self._entries += 1
         for t in report.tcp:
-            sums = slot.tcp.setdefault((report.host, t.direction, t.service), [0, 0, 0, 0])
-            for k, v in enumerate((t.opened, t.closed, t.bytes_in, t.bytes_out)):
-                sums[k] += v
+            slot.tcp.add(
+                host,
+                self._keys.get("service", t.direction, (t.service,)),
+                (t.opened, t.closed, t.bytes_in, t.bytes_out),
+            )
+        block = self._blocks.get(index // BLOCK_SLOTS)
+        if block is not None:  # it keeps all its slots' TCP counters and agents
+            for k in range(len(slot.tcp.keys) - len(report.tcp), len(slot.tcp.keys)):
+                block.tcp.add(host, slot.tcp.keys[k], slot.tcp.sums[4 * k : 4 * k + 4])
+            if host in slot.agents:
+                block.agents.add(host)
+            block.last = max(block.last, index)
         return Ingested(duplicate=False)
 
+    def _host_id(self, name: str) -> int:
+        got = self._host_ids.get(name)
+        if got is None:
+            got = self._host_ids[name] = len(self._host_names)
+            self._host_names.append(name)
+        return got
+
+    def _oldest(self, now: float) -> int:
+        """The oldest slot a report may still land in: an hour back, unless memory made its
+        slot go sooner."""
+        return max(slot_of(now) - RETENTION_S // SLOT_S + 1, self._fine_floor)
+
     def _prune(self, now: float) -> None:
+        self._now = max(self._now, now)
         oldest = slot_of(now) - RETENTION_S // SLOT_S + 1
         for index in [i for i in self._slots if i < oldest]:
-            gone = self._slots.pop(index)
-            self._entries -= sum(len(c.hdrs) for c in gone.series.values())
+            self._drop_slot(index)
+        for j in [j for j in self._blocks if j * BLOCK_SLOTS < oldest]:
+            del self._blocks[j]  # no window covers all of it again
+
+    def _drop_slot(self, index: int) -> None:
+        gone = self._slots.pop(index)
+        self._entries -= gone.series
+        self._pending -= len(gone.pending)
+
+    def _make_room(self, now: float) -> None:
+        """Fold due slots now, on the caller's time, rather than drop series: the background
+        step fell behind (or nobody runs it)."""
+        while self._pending + MAX_SERIES_PER_REPORT > MAX_PENDING and self.compact(now, 10_000):
+            pass
+
+    # --- compaction ------------------------------------------------------------------------
+
+    def compact(self, now: float, work: int | None = None, through: int | None = None) -> bool:
+        """Fold pending series of closed slots into their tables, and those into blocks, for
+        about ``work`` histogram merges (all that is due when None); True while more is due.
+        ``through``: treat no slot after it as closed (a replay, which knows what comes)."""
+        self._prune(now)
+        done = 0
+        while work is None or done < work:
+            if self._job is None:
+                self._job = self._next_job(now, through)
+                if self._job is None:
+                    return False
+            try:
+                done += next(self._job)
+            except StopIteration:
+                self._job = None
+        return True
+
+    def _next_job(self, now: float, through: int | None) -> Generator[int, None, None] | None:
+        closed = math.floor(now / SLOT_S) - 1 - LATE_SLOTS
+        if through is not None:
+            closed = min(closed, through)
+        due = [i for i, s in self._slots.items() if s.pending and i <= closed]
+        if due:
+            # A block's due slots together: a backlog rewrites the block once, not per slot.
+            j = min(due) // BLOCK_SLOTS
+            return self._fold(j, {i: self._slots[i] for i in due if i // BLOCK_SLOTS == j})
+        ready: dict[int, dict[int, _Slot]] = {}
+        for i, s in self._slots.items():
+            if s.tables and not s.in_block and i <= closed:
+                ready.setdefault(i // BLOCK_SLOTS, {})[i] = s
+        for j in sorted(ready):
+            if len(ready[j]) >= GROW_EVERY or (j + 1) * BLOCK_SLOTS - 1 <= closed:
+                return self._grow(j, ready[j])
+        return None
+
+    def _fold(self, j: int, slots: dict[int, _Slot]) -> Generator[int, None, None]:
+        """Fold these slots' pending entries into their tables, and into block ``j``'s for
+        slots already in it; everything swaps in at the end, together."""
+        acc = Accumulator()
+        taken = {i: len(s.pending) for i, s in slots.items()}
+        new: dict[int, dict[tuple[str, str], Table]] = {}
+        to_block: dict[tuple[str, str], list[Item]] = {}
+        for i, slot in slots.items():
+            new[i] = dict(slot.tables)
+            entries = slot.pending[: taken[i]]
+            for direction in DIRECTIONS:
+                mine = [e for e in entries if e[0].direction == direction]
+                if not mine:
+                    continue
+                er = yield from build_table([_item(e, "edge_route") for e in mine], acc)
+                host = yield from build_table([_item(e, "host") for e in mine], acc)
+                service = yield from build_table(list(er.items(0)), acc)
+                for by, delta in (("edge_route", er), ("host", host), ("service", service)):
+                    old = slot.tables.get((by, direction), EMPTY)
+                    new[i][by, direction] = yield from merge_tables(old, delta, acc)
+                if slot.in_block:
+                    to_block.setdefault(("edge_route", direction), []).extend(er.items())
+                    to_block.setdefault(("host", direction), []).extend(host.items())
+        block = self._blocks.get(j)
+        block_tables: dict[tuple[str, str], Table] = {}
+        if block is not None and to_block:
+            for direction in DIRECTIONS:
+                parts = yield from _groupings(to_block, direction, acc)
+                for by, part in parts.items():
+                    old = block.tables.get((by, direction), EMPTY)
+                    block_tables[by, direction] = yield from merge_tables(old, part, acc)
+        for i, slot in slots.items():
+            if self._slots.get(i) is not slot:
+                continue  # pruned or coarsened meanwhile
+            slot.tables = new[i]
+            del slot.pending[: taken[i]]
+            self._pending -= taken[i]
+        if block is not None and self._blocks.get(j) is block:
+            block.tables.update(block_tables)
+        self._evict()
+
+    def _grow(self, j: int, slots: dict[int, _Slot]) -> Generator[int, None, None]:
+        """Add these compacted slots to block ``j``, making it if need be."""
+        acc = Accumulator()
+        block = self._blocks.get(j)
+        tables: dict[tuple[str, str], Table] = {}
+        for direction in DIRECTIONS:
+            for by in GROUPS:
+                source = "edge_route" if by in ("route", "edge") else by
+                derive = DERIVED.index(by) if source != by else -1
+                items = list(
+                    EMPTY.items() if block is None else _table(block, by, direction).items()
+                )
+                for s in slots.values():
+                    items.extend(s.tables.get((source, direction), EMPTY).items(derive))
+                table = yield from build_table(items, acc)
+                if len(table):
+                    tables[by, direction] = table
+        if any(self._slots.get(i) is not s for i, s in slots.items()):
+            return  # a slot went meanwhile: the next step starts over
+        if block is None:
+            first = j * BLOCK_SLOTS
+            inside = {
+                i: self._slots[i] for i in range(first, first + BLOCK_SLOTS) if i in self._slots
+            }
+            block = self._blocks[j] = _Block(tables, _Tcp(), set(), max(inside))
+            for one in inside.values():
+                block.agents |= one.agents
+                block.tcp.extend(one.tcp)
+        elif self._blocks.get(j) is not block:
+            return  # pruned meanwhile
+        else:
+            block.tables = tables
+        for s in slots.values():
+            s.in_block = True
+        self._evict()
+
+    def _evict(self) -> None:
+        """Past ``MAX_STORED_BYTES``: the oldest slots held in a complete block go, the block
+        stays (their windows narrow to whole blocks); with none left, the oldest block goes."""
+        stats = self.statistics()
+        stored = stats.stored_bytes
+        closed = math.floor(self._now / SLOT_S) - 1 - LATE_SLOTS
+        while stored > MAX_STORED_BYTES:
+            j = min(self._slots, default=self._fine_floor) // BLOCK_SLOTS
+            first, last = j * BLOCK_SLOTS, (j + 1) * BLOCK_SLOTS - 1
+            inside = [i for i in range(first, last + 1) if i in self._slots]
+            block = self._blocks.get(j)
+            if (
+                inside
+                and block is not None
+                and last <= closed
+                and all(self._slots[i].in_block and not self._slots[i].pending for i in inside)
+            ):
+                for i in inside:
+                    stored -= self._slots[i].nbytes()
+                    self._drop_slot(i)
+                self.overflow.slots_coarsened += len(inside)
+                self._fine_floor = last + 1
+                continue
+            coarse = [k for k in self._blocks if k * BLOCK_SLOTS < self._fine_floor]
+            if not coarse:
+                return  # nothing may go yet; the pending bound still holds
+            k = min(coarse)
+            stored -= self._blocks.pop(k).nbytes()
+            self.overflow.blocks_evicted += 1
+            self._floor = (k + 1) * BLOCK_SLOTS
+
+    # --- queries ---------------------------------------------------------------------------
 
     def query(
         self, now: float, window_s: int, by: str, direction: str = "inbound"
@@ -324,33 +650,32 @@ class FleetMetrics:
         # The newest slot that has ended: the one holding ``now`` has no intervals yet, and
         # counting it would understate the rate.
         newest = math.floor(now / SLOT_S) - 1
-        n = max(1, math.ceil(window_s / SLOT_S))
-        slots = [self._slots[i] for i in range(newest - n + 1, newest + 1) if i in self._slots]
-        rows: dict[tuple[str, ...], _Row] = {}
-        agents: set[str] = set()
-        for slot in slots:
-            for (host, labels), cell in slot.series.items():
-                agents.add(host)
-                if labels[0] != direction:
-                    continue
-                key = _key(by, host, labels)
-                row = rows.setdefault(key, _Row())
-                row.add(host, labels[3], cell)
-            if by in ("service", "host"):
-                for (host, tdir, service), sums in slot.tcp.items():
-                    agents.add(host)
-                    if tdir != direction:
-                        continue
-                    row = rows.setdefault((service,) if by == "service" else (host,), _Row())
-                    row.hosts.add(host)
-                    row.tcp = [a + b for a, b in zip(row.tcp, sums, strict=True)]
-        out = [r.as_json(by, k, n * SLOT_S) for k, r in rows.items()]
+        first = newest - max(1, math.ceil(window_s / SLOT_S)) + 1
+        if first < self._fine_floor:  # only whole blocks are left there
+            first = min(-(-max(first, self._floor) // BLOCK_SLOTS) * BLOCK_SLOTS, newest)
+        n = newest - first + 1
+        rows: dict[Key, _Row] = {}
+        agents: set[int] = set()
+        with_tcp = by in ("service", "host")
+        for tables, tcp, pending, series_agents in self._pieces(first, newest):
+            agents |= series_agents
+            for key, req, fail, hosts, enc, packed in _items(tables, pending, by, direction):
+                row = rows.get(key)
+                if row is None:
+                    row = rows[key] = _Row()
+                row.requests += req
+                row.failures += fail
+                row.hosts.update(hosts)
+                row.encodings.append((enc, packed))
+            if with_tcp:
+                self._add_tcp(rows, agents, tcp, by, direction)
+        out = [r.as_json(by, k.values, n * SLOT_S, self._acc) for k, r in rows.items()]
         out.sort(key=lambda r: (-r["requests"], r["name"]))
         return {
             "window_s": n * SLOT_S,
             "by": by,
             "direction": direction,
-            "start": float((newest - n + 1) * SLOT_S),
+            "start": float(first * SLOT_S),
             "end": float((newest + 1) * SLOT_S),
             "agents": len(agents),
             "rows": out,
@@ -358,8 +683,90 @@ class FleetMetrics:
                 "series": self.overflow.series,
                 "late_reports": self.overflow.late_reports,
                 "reports_dropped_by_agents": self.overflow.reports_dropped_by_agents,
+                "slots_coarsened": self.overflow.slots_coarsened,
+                "blocks_evicted": self.overflow.blocks_evicted,
             },
         }
+
+    def _pieces(
+        self, first: int, last: int
+    ) -> Iterator[tuple[dict[tuple[str, str], Table], _Tcp, list[_Entry], set[int]]]:
+        """Slots ``first..last``: a whole block where one is made and the window reaches its
+        newest slot, with what it does not hold yet (its slots' pending entries, and the
+        tables of slots not added to it yet); elsewhere slot by slot."""
+        i = first
+        while i <= last:
+            j, block = i // BLOCK_SLOTS, self._blocks.get(i // BLOCK_SLOTS)
+            if block is not None and i == j * BLOCK_SLOTS and block.last <= last:
+                inside = [s for k in range(i, i + BLOCK_SLOTS) if (s := self._slots.get(k))]
+                pending = [e for s in inside for e in s.pending]
+                yield block.tables, block.tcp, pending, block.agents
+                for s in inside:
+                    if not s.in_block and s.tables:
+                        yield s.tables, _NO_TCP, [], _NO_AGENTS
+                i += BLOCK_SLOTS
+                continue
+            slot = self._slots.get(i)
+            if slot is not None:
+                yield slot.tables, slot.tcp, slot.pending, slot.agents
+            i += 1
+
+    def _add_tcp(
+        self, rows: dict[Key, _Row], agents: set[int], tcp: _Tcp, by: str, direction: str
+    ) -> None:
+        for n, (host, key) in enumerate(zip(tcp.hosts, tcp.keys, strict=True)):
+            agents.add(host)
+            if key.direction != direction:
+                continue
+            if by == "host":
+                key = self._keys.get("host", direction, (self._host_names[host],))
+            row = rows.get(key)
+            if row is None:
+                row = rows[key] = _Row()
+            row.hosts.add(host)
+            for k in range(4):
+                row.tcp[k] += tcp.sums[4 * n + k]
+
+
+_NO_TCP = _Tcp()
+_NO_AGENTS: set[int] = set()
+
+
+def _table(block: _Block, by: str, direction: str) -> Table:
+    return block.tables.get((by, direction), EMPTY)
+
+
+def _item(e: _Entry, by: str) -> Item:
+    return (e[0] if by == "edge_route" else e[1], e[3], e[4], (e[2],), e[5], False)
+
+
+def _groupings(
+    finest: dict[tuple[str, str], list[Item]], direction: str, acc: Accumulator
+) -> Generator[int, None, dict[str, Table]]:
+    """Tables of all five groupings from cells of the two finest, in one direction."""
+    out: dict[str, Table] = {}
+    for by in ("edge_route", "host"):
+        out[by] = yield from build_table(finest.get((by, direction), []), acc)
+    for k, coarse in enumerate(DERIVED):
+        out[coarse] = yield from build_table(list(out["edge_route"].items(k)), acc)
+    return out
+
+
+def _items(
+    tables: dict[tuple[str, str], Table], pending: list[_Entry], by: str, direction: str
+) -> Iterator[Item]:
+    """One piece's cells and pending entries keyed for ``by``."""
+    table = tables.get((by, direction))
+    if table is not None:
+        yield from table.items()
+    elif by in DERIVED and (finest := tables.get(("edge_route", direction))) is not None:
+        yield from finest.items(DERIVED.index(by))
+    coarse = DERIVED.index(by) if by in DERIVED else -1
+    for e in pending:
+        if e[0].direction != direction:
+            continue
+        key = e[0].derived[coarse] if coarse >= 0 else e[0] if by == "edge_route" else e[1]
+        yield key, e[3], e[4], (e[2],), e[5], False
 
 
 def slot_of(t: float) -> int:
@@ -377,39 +784,21 @@ _KEY_NAMES = {
 }
 
 
-def _key(by: str, host: str, labels: Labels) -> tuple[str, ...]:
-    _, service, peer, _, route, endpoint = labels
-    if by == "service":
-        return (service,)
-    if by == "route":
-        return (service, route)
-    if by == "edge":
-        return (peer, service)
-    if by == "edge_route":
-        return (peer, service, route)
-    # The host that served: the reporting agent's own for inbound, the endpoint for outbound.
-    return (endpoint or host,)
-
-
-@dataclass
+@dataclass(eq=False)
 class _Row:
-    hosts: set[str] = field(default_factory=set)
+    hosts: set[int] = field(default_factory=set)
     requests: int = 0
     failures: int = 0
-    latency: HdrHistogram = field(default_factory=new_histogram)
+    encodings: list[tuple[bytes | memoryview, bool]] = field(default_factory=list)
     tcp: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
 
-    def add(self, host: str, status: str, cell: _Cell) -> None:
-        self.hosts.add(host)
-        self.requests += cell.count
-        if status in FAILED:
-            self.failures += cell.count
-        for hdr in cell.hdrs:
-            self.latency.decode_and_add(hdr)  # validated at ingest, same shape as ours
-
-    def as_json(self, by: str, key: tuple[str, ...], window_s: int) -> dict[str, Any]:
-        h = self.latency
-        has = h.get_total_count() > 0
+    def as_json(
+        self, by: str, key: tuple[str, ...], window_s: int, acc: Accumulator
+    ) -> dict[str, Any]:
+        for enc, packed in self.encodings:
+            acc.add(enc, packed)  # validated at ingest, same shape as ours
+        latency = acc.latency()
+        acc.reset()
         successes = self.requests - self.failures
         return {
             "key": dict(zip(_KEY_NAMES[by], key, strict=True)),
@@ -419,14 +808,7 @@ class _Row:
             "successes": successes,
             "success_rate": successes / self.requests if self.requests else None,
             "rps": self.requests / window_s,
-            "latency_us": {
-                name: (int(h.get_value_at_percentile(p)) if has else None)
-                for name, p in (("p50", 50.0), ("p95", 95.0), ("p99", 99.0), ("p999", 99.9))
-            }
-            | {
-                "min": int(h.get_min_value()) if has else None,
-                "max": int(h.get_max_value()) if has else None,
-            },
+            "latency_us": latency,
             "tcp": (
                 dict(zip(("opened", "closed", "bytes_in", "bytes_out"), self.tcp, strict=True))
                 if by in ("service", "host")
