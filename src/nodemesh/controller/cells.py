@@ -106,9 +106,12 @@ class Accumulator:
         """The storage encoding of what was added (empty for no values)."""
         if self.total == 0:
             return b""
+        # From the first non-zero counter on, behind one zero run: the encoder walks every
+        # counter it is given, and the first thousands are all zero for most latencies.
         buf = ctypes.addressof(self._buf)
-        n = codec.encode(ctypes.addressof(self._counts), self.hi + 1, _WORD, buf, _MAX_VARINT)
-        return zlib.compress(ctypes.string_at(buf, n), ZLIB_LEVEL)
+        start = ctypes.addressof(self._counts) + self.lo * _WORD
+        n = codec.encode(start, self.hi - self.lo + 1, _WORD, buf, _MAX_VARINT)
+        return zlib.compress(_zero_run(self.lo) + ctypes.string_at(buf, n), ZLIB_LEVEL)
 
     def reset(self) -> None:
         if self.hi >= 0:
@@ -135,6 +138,18 @@ class Accumulator:
         top = _SHAPE.get_value_from_index(self.hi)
         out["max"] = int(_SHAPE.get_highest_equivalent_value(top)) if top else 0
         return out
+
+
+def _zero_run(n: int) -> bytes:
+    """The varint of ``n`` zero counters: ZigZag of -n, LEB128."""
+    if n == 0:
+        return b""
+    v, out = 2 * n - 1, bytearray()
+    while v >= 0x80:
+        out.append(v & 0x7F | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
 
 
 def v2_counts(raw: bytes, acc: Accumulator) -> tuple[bytes, int]:
