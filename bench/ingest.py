@@ -101,6 +101,9 @@ SPARSE_COUNTS = (1, 40)  # per 4xx/5xx series
 START_TIMEOUT = 30.0  # seconds for the controller to print its listening line
 QUERY_TIMEOUT = 120.0  # seconds for one query
 CATCH_UP_LIMIT = 30.0  # seconds to wait for the fleet's backlog to drain before a query
+TIMELINE_EVERY = 2.0  # seconds between the timeline's rows
+TIMELINE_COLUMNS = ("t_s", "controller_cores", "accepted_per_s", "duplicates_per_s",
+                    "timeouts_per_s", "agents_behind", "reports_queued")  # fmt: skip
 RSS_EVERY = 0.5  # seconds
 QUIET_LOAD = 1.0  # 1-minute load average under which a fleet size starts
 
@@ -333,6 +336,7 @@ class Fleet:
     clients: list[BenchClient]
     attempts: list[Attempt] = field(default_factory=list)
     backlog: list[int] = field(default_factory=list)  # each agent's queue length, kept current
+    outcomes: Counter[str] = field(default_factory=Counter)  # every attempt so far
 
 
 async def run_agent(fleet: Fleet, i: int, start_at: float) -> None:
@@ -366,6 +370,7 @@ async def run_agent(fleet: Fleet, i: int, start_at: float) -> None:
             except ControllerUnavailable as e:
                 outcome = f"unavailable: {str(e).split(' failed: ')[-1][:60]}"
             fleet.attempts.append(Attempt(i, report["seq"], t0, trio.current_time() - t0, outcome))
+            fleet.outcomes[outcome] += 1
             if outcome in ("ok", "duplicate") or outcome in ("refused 400", "refused 403"):
                 queue.popleft()
                 failures = 0
@@ -394,8 +399,32 @@ def snapshot(fleet: Fleet, pid: int) -> Snapshot:
         rss_bytes(pid),
         cpu_seconds(os.getpid()),
         machine_busy_seconds(),
-        sum(1 for a in fleet.attempts if a.outcome == "ok"),
+        fleet.outcomes["ok"],
     )
+
+
+async def sample_timeline(
+    fleet: Fleet,
+    pid: int,
+    t0: float,
+    rows: list[list[float]],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Every ``TIMELINE_EVERY`` s: seconds since ``t0``, the controller's cores, and per second
+    the reports accepted, duplicates and timeouts, then agents behind and reports queued."""
+    cpu, seen = cpu_seconds(pid), Counter(fleet.outcomes)
+    last = trio.current_time()
+    task_status.started()
+    while True:
+        await trio.sleep(TIMELINE_EVERY)
+        now, cpu1, seen1 = trio.current_time(), cpu_seconds(pid), Counter(fleet.outcomes)
+        dt = now - last
+        rows.append(
+            [round(now - t0, 1), round((cpu1 - cpu) / dt, 2)]
+            + [round((seen1[k] - seen[k]) / dt, 1) for k in ("ok", "duplicate", "timeout")]
+            + [sum(1 for b in fleet.backlog if b), sum(fleet.backlog)]
+        )
+        cpu, seen, last = cpu1, seen1, now
 
 
 def sample_rss(pid: int, peak: list[int], stop: threading.Event) -> None:
@@ -512,8 +541,11 @@ async def drive(
     offs = offsets(fleet.n, fleet.interval)
     snaps: list[Snapshot] = []
     queries: list[dict[str, Any]] = []
+    timeline: list[list[float]] = []
+    phases: list[tuple[str, float, float]] = []  # what ran when, in seconds since t0
     with trio.move_on_after(args.max_seconds) as budget:
         async with trio.open_nursery() as nursery:
+            await nursery.start(sample_timeline, fleet, pid, t0, timeline)
             for i in range(fleet.n):
                 nursery.start_soon(run_agent, fleet, i, t0 + offs[i])
             await trio.sleep_until(t0 + args.warmup * fleet.interval)
@@ -530,14 +562,20 @@ async def drive(
                 caught_up = await wait_caught_up(fleet, CATCH_UP_LIMIT)
                 queries.append({**await query(fleet, ("service", "edge")[k % 2], pid),
                                 "caught_up_before_s": caught_up})  # fmt: skip
+                q = queries[-1]
+                phases.append(
+                    (f"query by={q['by']}", q["start"] - t0, q["start"] + q["seconds"] - t0)
+                )
                 say(f"{tag}: {_query_line(queries[-1])}")
             if args.profile:
                 await wait_caught_up(fleet, CATCH_UP_LIMIT)
                 say(f"{tag}: py-spy on the controller for one interval of ingest")
                 path = args.out.with_name(f"{args.out.stem}-pyspy-{fleet.n}-ingest.txt")
+                p0 = trio.current_time() - t0
                 out["profile_ingest"] = await trio.to_thread.run_sync(
                     py_spy, pid, fleet.interval, path
                 )
+                phases.append(("py-spy, ingest", p0, trio.current_time() - t0))
                 await wait_caught_up(fleet, CATCH_UP_LIMIT)
                 say(f"{tag}: py-spy on the controller during one by=service query")
                 path = args.out.with_name(f"{args.out.stem}-pyspy-{fleet.n}-query.txt")
@@ -545,6 +583,8 @@ async def drive(
                     await trio.sleep(1.0)
                     q = await query(fleet, "service", pid)
                 out["profile_query"] = {**spy.report(), "query": q}
+                phases.append(("py-spy, query by=service", q["start"] - t0,
+                               q["start"] + q["seconds"] - t0))  # fmt: skip
             out["caught_up_at_end_s"] = await wait_caught_up(fleet, CATCH_UP_LIMIT)
             final = snapshot(fleet, pid)
             out["rss_mib_after_queries"] = round(final.ctl_rss / 2**20, 1)
@@ -552,6 +592,9 @@ async def drive(
     stop.set()
     sampler.join(timeout=5)
     out["budget_exceeded"] = budget.cancelled_caught
+    out["measured_from_s"] = round(snaps[0].t - t0, 1) if snaps else None
+    out["phases"] = [(name, round(a, 1), round(b, 1)) for name, a, b in phases]
+    out["timeline"] = {"columns": TIMELINE_COLUMNS, "rows": timeline}
     out.update(summarize(fleet, idle, snaps, queries, peak[0]))
     return out
 
