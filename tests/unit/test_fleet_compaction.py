@@ -317,25 +317,32 @@ def test_a_journal_replay_gives_back_the_same_answers(tmp_path: Path) -> None:
 # --- bounds --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("share", [2, 6])
+@pytest.mark.parametrize(("share", "fine"), [(2, 30), (4, 30), (5, 66)])
 def test_past_the_memory_bound_old_slots_keep_only_their_blocks_counted(
-    monkeypatch: pytest.MonkeyPatch, share: int
+    monkeypatch: pytest.MonkeyPatch, share: int, fine: int
 ) -> None:
     run = random_run(12, slots=150, nodes=3, late=0.0)
     full = FleetMetrics()
     feed(run, full, work=None)
     limit = full.statistics().stored_bytes // share
     monkeypatch.setattr(fm, "MAX_STORED_BYTES", limit)
+    monkeypatch.setattr(fm, "FINE_SLOTS", fine)
     fleet, ref = FleetMetrics(), Reference()
     feed(run, fleet, ref, work=None)
+    assert not fleet.compact(run.end)
     assert fleet.statistics().stored_bytes <= limit
     coarsened = fleet.overflow.slots_coarsened
     fine_floor = fleet._fine_floor
     assert coarsened >= fm.BLOCK_SLOTS and fine_floor % fm.BLOCK_SLOTS == 0
     assert min(fleet._slots) >= fine_floor
-    assert (fleet.overflow.blocks_evicted > 0) == (share == 6)
+    newest = math.floor(run.end / fm.SLOT_S) - 1
+    coarse_blocks = [j for j in fleet._blocks if j * fm.BLOCK_SLOTS < fine_floor]
+    kept = newest - fine_floor + 1
+    if share == 2:  # old slots lost their detail, old blocks went; the newest ``fine`` stay
+        assert kept >= fine
+    else:  # not even that fit: the newest slots lost their detail only after old blocks went
+        assert kept < fine and fleet.overflow.blocks_evicted > 0 and len(coarse_blocks) <= 1
     now = run.end
-    newest = math.floor(now / fm.SLOT_S) - 1
     for window in WINDOWS:
         asked = newest - window // fm.SLOT_S + 1
         for by in GROUPS:

@@ -34,12 +34,15 @@ identity and a sequence number (docs/observability.md, "Controller metrics API")
 - **Bounded memory.**  Slots older than ``RETENTION_S`` go.  Series beyond
   ``MAX_SERIES_PER_REPORT`` in one report, or beyond ``MAX_PENDING`` waiting in all (after
   ingest first folds whatever is due itself), are dropped and counted (``overflow.series``).
-  Compacted tables beyond ``MAX_STORED_BYTES`` cost the oldest slots their 10 s detail: their
-  block stays, windows reaching back there narrow to whole blocks (the answer's ``start`` and
-  ``window_s`` say so) and ``overflow.slots_coarsened`` counts them; only if blocks alone are
-  too many does the oldest go (``overflow.blocks_evicted``).  An hour of 1,000 agents x 50
-  series needs about 3.5 GB at 10 s detail (measured, bench/ingest.py's histograms); the
-  bound keeps the newest ~20 minutes of it at 10 s and the rest in blocks.
+  Compacted tables beyond ``MAX_STORED_BYTES`` cost, in this order: the 10 s detail of the
+  oldest slots (their block stays, and windows reaching back there narrow to whole blocks:
+  the answer's ``start`` and ``window_s`` say so; ``overflow.slots_coarsened``), but never of
+  the newest ``FINE_SLOTS``, so 10-minute windows stay whole; then the oldest coarse blocks
+  (``overflow.blocks_evicted``); then, only if that was not enough, the newest detail too.
+  Measured in-process with bench/ingest.py's fleet and histograms, 1,000 agents x 50 series
+  need ~9.6 MB a slot and ~49 MB a block, ~4 GB for an hour at 10 s: under the bound they
+  keep the hour in blocks and ~12 minutes at 10 s, at ~1.4 GB resident; 300 agents keep
+  nearly all of it at 10 s, 100 agents all of it (~0.45 GB).
 
 All of it is synchronous and takes ``now`` from the caller, so tests drive time directly.
 """
@@ -87,7 +90,8 @@ LATE_SLOTS = 1  # slots a slot stays open after it ended (see the module doc)
 BLOCK_SLOTS = 30  # five minutes: the second tier
 GROW_EVERY = 6  # compacted slots added to their block together: once a minute
 MAX_PENDING = 300_000  # raw series awaiting compaction; see the module doc for the sizing
-MAX_STORED_BYTES = 1_200_000_000  # compacted tables of slots and blocks
+MAX_STORED_BYTES = 1_300_000_000  # compacted tables of slots and blocks; see the module doc
+FINE_SLOTS = 66  # slots kept at 10 s before blocks go: a 10-minute window, the open and late
 MAX_SEEN = 256  # seqs remembered above an agent's high-water mark
 MAX_HDR_CHARS = 64 * 1024  # one series' encoding; a full 3-digit histogram compresses far below
 DIRECTIONS = ("inbound", "outbound")
@@ -500,6 +504,7 @@ class FleetMetrics:
         about ``work`` histogram merges (all that is due when None); True while more is due.
         ``through``: treat no slot after it as closed (a replay, which knows what comes)."""
         self._prune(now)
+        self._evict()  # TCP counters grow between steps too
         done = 0
         while work is None or done < work:
             if self._job is None:
@@ -609,35 +614,40 @@ class FleetMetrics:
         self._evict()
 
     def _evict(self) -> None:
-        """Past ``MAX_STORED_BYTES``: the oldest slots held in a complete block go, the block
-        stays (their windows narrow to whole blocks); with none left, the oldest block goes."""
-        stats = self.statistics()
-        stored = stats.stored_bytes
-        closed = math.floor(self._now / SLOT_S) - 1 - LATE_SLOTS
+        """Past ``MAX_STORED_BYTES``, in this order: the oldest slots held in a complete
+        block lose their 10 s detail (the block stays; windows reaching there narrow to whole
+        blocks), but never the newest ``FINE_SLOTS``; then the oldest coarse block goes; then,
+        only if that is not enough, the newest slots are coarsened too."""
+        stored = self.statistics().stored_bytes
+        newest = math.floor(self._now / SLOT_S) - 1
         while stored > MAX_STORED_BYTES:
             j = min(self._slots, default=self._fine_floor) // BLOCK_SLOTS
-            first, last = j * BLOCK_SLOTS, (j + 1) * BLOCK_SLOTS - 1
-            inside = [i for i in range(first, last + 1) if i in self._slots]
-            block = self._blocks.get(j)
-            if (
-                inside
-                and block is not None
-                and last <= closed
-                and all(self._slots[i].in_block and not self._slots[i].pending for i in inside)
-            ):
-                for i in inside:
-                    stored -= self._slots[i].nbytes()
-                    self._drop_slot(i)
-                self.overflow.slots_coarsened += len(inside)
-                self._fine_floor = last + 1
-                continue
+            last = (j + 1) * BLOCK_SLOTS - 1
+            can = self._coarsenable(j, newest - LATE_SLOTS)
             coarse = [k for k in self._blocks if k * BLOCK_SLOTS < self._fine_floor]
-            if not coarse:
+            if can and (last <= newest - FINE_SLOTS or not coarse):
+                stored -= sum(self._slots[i].nbytes() for i in can)
+                for i in can:
+                    self._drop_slot(i)
+                self.overflow.slots_coarsened += len(can)
+                self._fine_floor = last + 1
+            elif coarse:
+                k = min(coarse)
+                stored -= self._blocks.pop(k).nbytes()
+                self.overflow.blocks_evicted += 1
+                self._floor = (k + 1) * BLOCK_SLOTS
+            else:
                 return  # nothing may go yet; the pending bound still holds
-            k = min(coarse)
-            stored -= self._blocks.pop(k).nbytes()
-            self.overflow.blocks_evicted += 1
-            self._floor = (k + 1) * BLOCK_SLOTS
+
+    def _coarsenable(self, j: int, closed: int) -> list[int]:
+        """Block ``j``'s slots, if the block holds all of them and none can change."""
+        first, last = j * BLOCK_SLOTS, (j + 1) * BLOCK_SLOTS - 1
+        inside = [i for i in range(first, last + 1) if i in self._slots]
+        if not inside or j not in self._blocks or last > closed:
+            return []
+        if any(not self._slots[i].in_block or self._slots[i].pending for i in inside):
+            return []
+        return inside
 
     # --- queries ---------------------------------------------------------------------------
 
