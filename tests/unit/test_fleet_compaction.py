@@ -417,6 +417,19 @@ def test_accumulator_summaries_equal_hdrh_and_survive_storage() -> None:
         acc.reset()
 
 
+@pytest.mark.parametrize("gap", [1, 2, 511, 512, 513, 1023, 1024, 1025, 9000])
+def test_percentiles_across_chunk_edges(gap: int) -> None:
+    shape = new_histogram()
+    first = shape.get_counts_array_index(1000)
+    h, acc = new_histogram(), cells.Accumulator()
+    for index, times in ((first, 50), (first + gap, 45), (first + gap + 1, 5)):
+        h.record_value(shape.get_value_from_index(index), times)
+    payload, _ = cells.v2_counts(base64_decode(h.encode()), acc)
+    acc.add(payload, packed=False)
+    want = {name: int(h.get_value_at_percentile(p)) for name, p in cells.PERCENTILES}
+    assert {k: v for k, v in acc.latency().items() if k in want} == want
+
+
 def base64_decode(text: bytes) -> bytes:
     import base64
 

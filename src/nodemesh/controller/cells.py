@@ -54,6 +54,7 @@ _WORD = 8
 _MAX_VARINT = COUNTS_LEN * 9  # LEB128 of a 64-bit counter takes at most 9 bytes
 ZLIB_LEVEL = 3  # against the default 6: a quarter of the time, 5 % more bytes (measured)
 ENCODE_WORK = 8  # work units of one encode (~100 µs) next to one input merged (~12 µs)
+_CHUNK = 512  # counters summed at a time for percentiles (measured fastest of 128..1024)
 PERCENTILES = (("p50", 50.0), ("p95", 95.0), ("p99", 99.0), ("p999", 99.9))
 
 
@@ -127,11 +128,17 @@ class Accumulator:
         counts = array("Q")
         start = ctypes.addressof(self._counts) + self.lo * _WORD
         counts.frombytes(ctypes.string_at(start, (self.hi - self.lo + 1) * _WORD))
-        cum = list(itertools.accumulate(counts))
+        # Running sums by chunk, then within the one chunk a target falls in.
+        chunks = list(
+            itertools.accumulate(sum(counts[i : i + _CHUNK]) for i in range(0, len(counts), _CHUNK))
+        )
         for name, p in PERCENTILES:
             # hdrh: the first index whose running count reaches round(p% of total), at least 1
             target = max(int((min(p, 100.0) * self.total / 100) + 0.5), 1)
-            index = self.lo + bisect.bisect_left(cum, target)
+            c = bisect.bisect_left(chunks, target)
+            before = chunks[c - 1] if c else 0
+            inner = itertools.accumulate(counts[c * _CHUNK : (c + 1) * _CHUNK], initial=before)
+            index = self.lo + c * _CHUNK + bisect.bisect_left(list(inner), target) - 1
             out[name] = int(_SHAPE.get_highest_equivalent_value(_SHAPE.get_value_from_index(index)))
         low = _SHAPE.get_value_from_index(self.lo)
         out["min"] = 0 if self.lo == 0 else int(_SHAPE.get_lowest_equivalent_value(low))
