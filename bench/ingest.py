@@ -798,9 +798,38 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def timeline_markdown(r: dict[str, Any], every: float = 10.0) -> str:
+    """One fleet size's timeline in ``every``-second rows, with what ran when (pure)."""
+    cols = r["timeline"]["columns"]
+    rows = [dict(zip(cols, row, strict=True)) for row in r["timeline"]["rows"]]
+    out = [
+        f"Timeline of the {r['agents']:,}-agent run (measuring from {r['measured_from_s']} s; "
+        + "; ".join(f"{name} {a:g}–{b:g} s" for name, a, b in r["phases"])
+        + ")\n",
+        "| t, s | controller cores | accepted/s | duplicates/s | timeouts/s | agents behind "
+        "(reports queued), at the end |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    start = 0.0
+    while rows and start <= rows[-1]["t_s"]:
+        chunk = [x for x in rows if start < x["t_s"] <= start + every]
+        if chunk:
+            mean = {k: sum(x[k] for x in chunk) / len(chunk) for k in cols[1:5]}
+            out.append(
+                f"| {start:g}–{start + every:g} | {mean['controller_cores']:.2f} "
+                f"| {mean['accepted_per_s']:.0f} | {mean['duplicates_per_s']:.0f} "
+                f"| {mean['timeouts_per_s']:.0f} "
+                f"| {chunk[-1]['agents_behind']} ({chunk[-1]['reports_queued']}) |"
+            )
+        start += every
+    return "\n".join(out)
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--markdown", nargs="+", type=Path, help="print tables of result files")
+    ap.add_argument("--combine", action="store_true", help="with --markdown: one set of tables")
+    ap.add_argument("--timeline", type=int, help="with --markdown: the timeline of this size")
     ap.add_argument("--agents", type=int, action="append", help="fleet size (repeatable)")
     ap.add_argument("--series", type=int, default=50, help="series per report")
     ap.add_argument("--interval", type=float, default=10.0, help="seconds between reports")
@@ -843,8 +872,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.markdown:
-        for path in args.markdown:
-            print(f"**{path.name}**\n\n{markdown(json.loads(path.read_text()))}\n")
+        docs = [json.loads(path.read_text()) for path in args.markdown]
+        if args.timeline:
+            for d in docs:
+                for r in d["results"]:
+                    if r["agents"] == args.timeline and "timeline" in r:
+                        print(timeline_markdown(r) + "\n")
+            return 0
+        if args.combine:  # one set of tables, a row per fleet size of every file
+            names = ", ".join(
+                f"{p.name} ({d['nodemesh'][:7]})" for p, d in zip(args.markdown, docs, strict=True)
+            )
+            print(
+                f"**{names}**\n\n{markdown({'results': [r for d in docs for r in d['results']]})}"
+            )
+            return 0
+        for path, doc in zip(args.markdown, docs, strict=True):
+            print(f"**{path.name}** ({doc['nodemesh'][:7]})\n\n{markdown(doc)}\n")
         return 0
     source.reexec_at(args.rev, Path(__file__).resolve(), argv)
     from mesh_http import machine  # the lab's imports only once the revision is chosen
