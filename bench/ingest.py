@@ -825,11 +825,39 @@ def timeline_markdown(r: dict[str, Any], every: float = 10.0) -> str:
     return "\n".join(out)
 
 
+def spread_markdown(named: Sequence[tuple[str, dict[str, Any]]], agents: int) -> str:
+    """One line per result file for the ``agents`` size: the runs side by side (pure)."""
+    out = [
+        "| run | commit | started (UTC) | not ours cores | controller cores | CPU ms / report "
+        "| acceptance p50 / p99 ms | first by=service query s (CPU s) | timeouts after measuring "
+        "| agents behind at the end |",
+        "|---|---|---|---:|---:|---:|---|---|---:|---|",
+    ]
+    for name, doc in named:
+        for r in doc["results"]:
+            if r["agents"] != agents:
+                continue
+            lat = r["accept_latency_ms"]
+            q = next((q for q in r["queries"] if q["by"] == "service" and "error" not in q), None)
+            qtext = f"{q['seconds']:.1f} ({q['controller_cpu_s']:.1f})" if q else "-"
+            behind = r["backlog_at_end"]
+            out.append(
+                f"| {name} | {doc['nodemesh'][:7]} | {doc['started'][11:16]} "
+                f"| {r['not_ours_cores']:.2f} | {r['controller_cores']:.2f} "
+                f"| {r['controller_cpu_ms_per_report']:.1f} "
+                f"| {lat['p50']:,.0f} / {lat['p99']:,.0f} "
+                f"| {qtext} | {r['after_measuring']['outcomes'].get('timeout', 0):,} "
+                f"| {behind['agents_behind']} ({behind['reports_queued']:,}) |"
+            )
+    return "\n".join(out)
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--markdown", nargs="+", type=Path, help="print tables of result files")
     ap.add_argument("--combine", action="store_true", help="with --markdown: one set of tables")
     ap.add_argument("--timeline", type=int, help="with --markdown: the timeline of this size")
+    ap.add_argument("--spread", type=int, help="with --markdown: one line per file, this size")
     ap.add_argument("--agents", type=int, action="append", help="fleet size (repeatable)")
     ap.add_argument("--series", type=int, default=50, help="series per report")
     ap.add_argument("--interval", type=float, default=10.0, help="seconds between reports")
@@ -873,6 +901,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.markdown:
         docs = [json.loads(path.read_text()) for path in args.markdown]
+        if args.spread:
+            print(spread_markdown([(p.stem, d) for p, d in zip(args.markdown, docs, strict=True)],
+                                  args.spread))  # fmt: skip
+            return 0
         if args.timeline:
             for d in docs:
                 for r in d["results"]:
