@@ -775,7 +775,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {ok[-1]['rows'] if ok else '-'} "
                 f"| {', '.join(str(q['agents']) for q in ok)} "
                 f"| {', '.join(str(q['overflow']['series']) for q in ok)} "
-                f"| {', '.join(str(q['caught_up_before_s']) for q in qs)} |"
+                f"| {', '.join(str(q.get('caught_up_before_s', '-')) for q in qs)} |"
             )
     out += [
         "",
