@@ -59,7 +59,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -852,12 +852,63 @@ def spread_markdown(named: Sequence[tuple[str, dict[str, Any]]], agents: int) ->
     return "\n".join(out)
 
 
+# Where the controller's time goes: a sample counts for a part if a frame of that name is on its
+# stack (inclusive), so nested parts overlap; shares are of py-spy's non-idle samples.
+PROFILE_PARTS: tuple[tuple[str, str], ...] = (
+    ("API connections (`_serve_connection`)", "_serve_connection "),
+    ("TLS handshake (`do_handshake`)", "SSLObject.do_handshake "),
+    ("`parse_report`", "parse_report "),
+    ("journal (`controller/journal.py`)", "nodemesh/controller/journal.py"),
+    ("compaction (`FleetMetrics.compact`)", "FleetMetrics.compact "),
+    ("queries (`FleetMetrics.query`)", "FleetMetrics.query "),
+)
+
+
+def profile_shares(lines: Iterable[str]) -> tuple[int, dict[str, float]]:
+    """py-spy raw stacks -> (non-idle samples, % of them per ``PROFILE_PARTS``) (pure)."""
+    busy, hits = 0, dict.fromkeys((name for name, _ in PROFILE_PARTS), 0)
+    for line in lines:
+        stack, _, count = line.rstrip("\n").rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if frames[-1].startswith("EpollIOManager.get_events"):
+            continue  # waiting in epoll: idle
+        busy += int(count)
+        for name, mark in PROFILE_PARTS:
+            if any(mark in f if mark.endswith(".py") else f.startswith(mark) for f in frames):
+                hits[name] += int(count)
+    return busy, {k: round(100.0 * v / max(busy, 1), 1) for k, v in hits.items()}
+
+
+def profiles_markdown(named: Sequence[tuple[str, Path]]) -> str:
+    """A column per raw py-spy file (label, path), a row per part."""
+    shares = []
+    for _, path in named:
+        with path.open() as f:
+            shares.append(profile_shares(f))
+    out = [
+        "| part of the controller's non-idle time | " + " | ".join(n for n, _ in named) + " |",
+        "|---|" + "---:|" * len(named),
+        "| non-idle py-spy samples | " + " | ".join(str(b) for b, _ in shares) + " |",
+    ]
+    for name, _ in PROFILE_PARTS:
+        out.append(f"| {name} | " + " | ".join(f"{s[name]:.0f} %" for _, s in shares) + " |")
+    return "\n".join(out)
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--markdown", nargs="+", type=Path, help="print tables of result files")
     ap.add_argument("--combine", action="store_true", help="with --markdown: one set of tables")
     ap.add_argument("--timeline", type=int, help="with --markdown: the timeline of this size")
     ap.add_argument("--spread", type=int, help="with --markdown: one line per file, this size")
+    ap.add_argument(
+        "--profiles",
+        nargs="+",
+        metavar="LABEL=RAW",
+        help="print where the controller's time went in these py-spy raw files",
+    )
     ap.add_argument("--agents", type=int, action="append", help="fleet size (repeatable)")
     ap.add_argument("--series", type=int, default=50, help="series per report")
     ap.add_argument("--interval", type=float, default=10.0, help="seconds between reports")
@@ -899,6 +950,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.profiles:
+        named = [(s.partition("=")[0], Path(s.partition("=")[2])) for s in args.profiles]
+        print(profiles_markdown(named))
+        return 0
     if args.markdown:
         docs = [json.loads(path.read_text()) for path in args.markdown]
         if args.spread:

@@ -255,5 +255,34 @@ def test_an_attempt_overlaps_a_query_window_only_if_they_share_time() -> None:
     assert not ingest.overlaps(a, [(11.0, 20.0), (0.0, 10.0)])
 
 
+def test_profile_shares_count_a_part_once_per_sample_and_skip_idle() -> None:
+    lines = [
+        "run (trio/_core/_run.py:1);EpollIOManager.get_events (trio/_core/_io_epoll.py:2) 50\n",
+        "_serve_connection (nodemesh/controller/api.py:9);SSLObject.do_handshake (ssl.py:3) 30\n",
+        "_serve_connection (nodemesh/controller/api.py:9);parse_report (nodemesh/controller/"
+        "metrics.py:5);parse_report (nodemesh/controller/metrics.py:6) 10\n",
+        "_serve_metrics_upkeep (nodemesh/controller/daemon.py:1);"
+        "FleetMetrics.compact (nodemesh/controller/metrics.py:7) 10\n",
+    ]
+    busy, shares = ingest.profile_shares(lines)
+    assert busy == 50
+    assert shares["API connections (`_serve_connection`)"] == 80.0
+    assert shares["TLS handshake (`do_handshake`)"] == 60.0
+    assert shares["`parse_report`"] == 20.0  # recursion counts once
+    assert shares["compaction (`FleetMetrics.compact`)"] == 20.0
+
+
+def test_timeline_markdown_averages_rates_per_ten_seconds() -> None:
+    cols = list(ingest.TIMELINE_COLUMNS)
+    rows = [[2.0, 0.5, 100.0, 0, 0, 1, 1], [8.0, 0.7, 80.0, 0, 10.0, 40, 45]]
+    rows += [[12.0, 0.9, 0.0, 0, 100.0, 1000, 2000]]
+    result = {"agents": 1000, "measured_from_s": 10.0, "phases": [("query by=service", 11, 12)],
+              "timeline": {"columns": cols, "rows": rows}}  # fmt: skip
+    text = ingest.timeline_markdown(result)
+    assert "| 0–10 | 0.60 | 90 | 0 | 5 | 40 (45) |" in text
+    assert "| 10–20 | 0.90 | 0 | 0 | 100 | 1000 (2000) |" in text
+    assert "query by=service 11–12 s" in text
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
