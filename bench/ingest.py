@@ -740,7 +740,7 @@ def markdown(result: dict[str, Any]) -> str:
     """Tables for docs/benchmarks.md from one result file (so no number is copied by hand)."""
     out = [
         "| agents | reports/s sent / accepted | controller cores | CPU ms / report "
-        "| controller RSS MiB: idle, start → end of 60 s, peak | acceptance p50 / p90 / p99 / "
+        "| controller RSS MiB: idle, start → end of measuring, peak | acceptance p50 / p90 / p99 / "
         "max ms | errors | load generator cores | not ours cores | load avg before |",
         "|---:|---:|---:|---:|---|---|---|---:|---:|---:|",
     ]
