@@ -9,8 +9,9 @@ kept is always an encoding, and merging means decoding into one array, one input
 - **One accumulator, reused.**  ``Accumulator`` owns a counts array and a scratch array.  An
   input is inflated, its varint counts decoded into the scratch (hdrh's own C decoder, bounds
   checked), added into the counts over only the input's non-zero index range, and the range
-  zeroed again.  Measured here: ~12 µs per input against ~48 µs for hdrh's
-  ``decode_and_add``, which allocates, fills and sums whole arrays.
+  zeroed again.  Measured here: ~10 µs for an agent's histogram (~50 µs for a merged cell,
+  wider and inflated first) against ~48 µs for hdrh's ``decode_and_add`` of an agent's, which
+  allocates, fills and sums whole arrays.
 - **Our own storage encoding.**  A stored cell is the zlib-compressed varint counts (the body
   of the V2 encoding, without its headers, base64 or shape fields: every cell has our shape).
   Agents' encodings are checked and inflated once, at ingest (``v2_counts``), and wait for
