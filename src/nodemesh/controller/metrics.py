@@ -89,7 +89,7 @@ MAX_WINDOW_S = 3600
 MAX_SERIES_PER_REPORT = 500
 LATE_SLOTS = 1  # slots a slot stays open after it ended (see the module doc)
 BLOCK_SLOTS = 30  # five minutes: the second tier
-GROW_EVERY = 6  # compacted slots added to their block together: once a minute
+GROW_EVERY = 12  # compacted slots added to their block together: each time rewrites it
 MAX_PENDING = 300_000  # raw series awaiting compaction; see the module doc for the sizing
 MAX_STORED_BYTES = 1_500_000_000  # compacted tables of slots and blocks; see the module doc
 FINE_SLOTS = 60  # slots kept at 10 s before old blocks go: a whole 10-minute window
@@ -550,8 +550,10 @@ class FleetMetrics:
                 mine = [e for e in entries if e[0].direction == direction]
                 if not mine:
                     continue
-                er = yield from build_table([_item(e, "edge_route") for e in mine], acc)
-                host = yield from build_table([_item(e, "host") for e in mine], acc)
+                items: list[Item] = [(e[0], e[3], e[4], (e[2],), e[5], False) for e in mine]
+                er = yield from build_table(items, acc)
+                items = [(e[1], e[3], e[4], (e[2],), e[5], False) for e in mine]
+                host = yield from build_table(items, acc)
                 service = yield from build_table(list(er.items(0)), acc)
                 for by, delta in (("edge_route", er), ("host", host), ("service", service)):
                     old = slot.tables.get((by, direction), EMPTY)
@@ -748,10 +750,6 @@ _NO_AGENTS: set[int] = set()
 
 def _table(block: _Block, by: str, direction: str) -> Table:
     return block.tables.get((by, direction), EMPTY)
-
-
-def _item(e: _Entry, by: str) -> Item:
-    return (e[0] if by == "edge_route" else e[1], e[3], e[4], (e[2],), e[5], False)
 
 
 def _groupings(
