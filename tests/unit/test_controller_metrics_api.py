@@ -121,3 +121,45 @@ async def test_queries_need_a_certificate_of_this_mesh(api: ControllerApi) -> No
     assert (await api.handle(_get("", peer=None))).status == 401
     svc = spiffe.service_id(TD, DC, "web")
     assert (await api.handle(_get("by=edge", peer=svc))).status == 200
+
+
+async def test_a_query_after_a_new_report_is_fresh_and_an_unchanged_fleet_is_reused(
+    api: ControllerApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answers are computed in a worker thread and may be reused, but never past a report
+    accepted since (unless the answer was dear: REUSE_FACTOR times its computing time)."""
+    planned: list[str] = []
+    plan = api.fleet.plan
+
+    def counting_plan(*args: Any) -> Any:
+        planned.append(args[2])
+        return plan(*args)
+
+    monkeypatch.setattr(api.fleet, "plan", counting_plan)
+    await api.handle(_post(_report(seq=0)))
+    first = _doc(await api.handle(_get("window=1m&by=service")))
+    again = _doc(await api.handle(_get("window=1m&by=service")))
+    assert first == again and planned == ["service"]  # nothing new: reused
+    await api.handle(_post(_report(seq=1, values=(2000,))))
+    fresh = _doc(await api.handle(_get("window=1m&by=service")))
+    assert fresh["rows"][0]["requests"] == 3 and planned == ["service", "service"]
+    assert fresh["rows"][0]["latency_us"]["max"] == 2000
+    await api.handle(_get("window=1m&by=edge"))  # another grouping is its own answer
+    assert planned[-1] == "edge"
+
+
+async def test_a_dear_answer_is_reused_for_a_while_under_load(
+    api: ControllerApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nodemesh.controller import api as api_module
+
+    monkeypatch.setattr(api_module, "DEAR_S", 0.0)  # as if computing had taken long
+    monkeypatch.setattr(api_module, "REUSE_FACTOR", 1e6)
+    await api.handle(_post(_report(seq=0)))
+    first = _doc(await api.handle(_get("window=1m&by=service")))
+    await api.handle(_post(_report(seq=1)))
+    reused = _doc(await api.handle(_get("window=1m&by=service")))
+    assert reused == first and reused["rows"][0]["requests"] == 2
+    await api.handle(_post(_report(seq=2)))
+    monkeypatch.setattr(api, "_clock", lambda: T0 + 25)  # the next slot: every window moved
+    assert _doc(await api.handle(_get("window=1m&by=service")))["rows"][0]["requests"] == 6

@@ -507,3 +507,41 @@ def test_merge_copies_cells_of_one_side_and_merges_shared_ones() -> None:
     assert [id(k) for k in both.keys] == sorted(id(k) for k in both.keys)
     assert cells.run(cells.merge_tables(old, cells.EMPTY, acc)) is old
     assert json.dumps(repr(both))
+
+
+# --- a query's plan answers what was accepted when it was taken ------------------------------
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_a_plan_answers_in_a_thread_while_ingest_and_compaction_go_on(seed: int) -> None:
+    """The API computes answers in a worker thread (metrics.QueryPlan) while the event loop
+    keeps ingesting and compacting; each answer is exactly the fleet as the plan found it."""
+    import threading
+
+    run = random_run(seed, slots=60)
+    half = len(run.deliveries) // 2
+    first, rest = Run(run.deliveries[:half], run.end), Run(run.deliveries[half:], run.end)
+    fleet = FleetMetrics()
+    feed(first, fleet, work=50)  # leaves compaction part-way, pending entries in open slots
+    now = first.deliveries[-1][0]
+    shapes = [(w, by, d) for w in WINDOWS for by in GROUPS for d in ("inbound", "outbound")]
+    want = [essentials(fleet.query(now, w, by, d)) for w, by, d in shapes]
+    plans = [fleet.plan(now, w, by, d) for w, by, d in shapes]
+    got: list[Any] = []
+    failed: list[BaseException] = []
+
+    def answer_all() -> None:
+        try:
+            got.extend(essentials(p.answer()) for p in plans)
+        except BaseException as e:  # re-raised in the test's thread below
+            failed.append(e)
+
+    worker = threading.Thread(target=answer_all)
+    worker.start()
+    feed(rest, fleet, work=50)  # ingest, fold and grow blocks while the worker reads
+    fleet.compact(run.end)
+    worker.join(timeout=120)
+    assert not worker.is_alive() and not failed, failed
+    assert got == want
+    # And the fleet moved on meanwhile: a new plan sees the rest.
+    assert [essentials(fleet.query(now, w, by, d)) for w, by, d in shapes] != want

@@ -37,6 +37,7 @@ import bisect
 import ctypes
 import itertools
 import struct
+import threading
 import weakref
 import zlib
 from array import array
@@ -217,6 +218,9 @@ class KeyRing:
         self._keys: weakref.WeakValueDictionary[tuple[str, str, tuple[str, ...]], Key] = (
             weakref.WeakValueDictionary()
         )
+        # Queries run in a worker thread and intern host keys (metrics.QueryPlan): without
+        # the lock, two threads missing at once could make two keys for one row.
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -224,8 +228,13 @@ class KeyRing:
     def get(self, by: str, direction: str, values: tuple[str, ...]) -> Key:
         name = (by, direction, values)
         key = self._keys.get(name)
-        if key is None:
-            key = self._keys[name] = Key(direction, values)
+        if key is not None:
+            return key
+        with self._lock:
+            key = self._keys.get(name)
+            if key is not None:
+                return key
+            key = Key(direction, values)
             if by == "edge_route":
                 peer, service, route = values
                 key.derived = (
@@ -233,6 +242,7 @@ class KeyRing:
                     self.get("route", direction, (service, route)),
                     self.get("edge", direction, (peer, service)),
                 )
+            self._keys[name] = key  # whole before any reader can see it
         return key
 
 

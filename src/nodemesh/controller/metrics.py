@@ -319,6 +319,9 @@ class _Tcp:
         self.keys.append(key)
         self.sums.extend(sums)
 
+    def copy(self) -> _Tcp:
+        return _Tcp(array("I", self.hosts), list(self.keys), array("Q", self.sums))
+
     def extend(self, other: _Tcp) -> None:
         self.hosts.extend(other.hosts)
         self.keys.extend(other.keys)
@@ -404,6 +407,7 @@ class FleetMetrics:
         self._job: Generator[int, None, None] | None = None
         self._acc = Accumulator()  # for queries; a job has its own
         self.overflow = Overflow()
+        self.generation = 0  # moves whenever an answer could: a report kept, data dropped
 
     def __repr__(self) -> str:
         n_agents, n_slots = len(self._seen), len(self._slots)
@@ -426,6 +430,7 @@ class FleetMetrics:
         seen = self._seen.setdefault(report.agent, _Seen())
         if not seen.add(report.seq):
             return Ingested(duplicate=True)
+        self.generation += 1
         self._agent_dropped[report.agent] = max(
             self._agent_dropped.get(report.agent, 0), report.dropped
         )
@@ -486,8 +491,10 @@ class FleetMetrics:
             self._drop_slot(index)
         for j in [j for j in self._blocks if j * BLOCK_SLOTS < oldest]:
             del self._blocks[j]  # no window covers all of it again
+            self.generation += 1
 
     def _drop_slot(self, index: int) -> None:
+        self.generation += 1
         gone = self._slots.pop(index)
         self._entries -= gone.series
         self._pending -= len(gone.pending)
@@ -637,6 +644,7 @@ class FleetMetrics:
             elif coarse:
                 k = min(coarse)
                 stored -= self._blocks.pop(k).nbytes()
+                self.generation += 1
                 self.overflow.blocks_evicted += 1
                 self._floor = (k + 1) * BLOCK_SLOTS
             else:
@@ -658,6 +666,12 @@ class FleetMetrics:
         self, now: float, window_s: int, by: str, direction: str = "inbound"
     ) -> dict[str, Any]:
         """Rows for the last ``window_s`` seconds grouped ``by``, as the API answers them."""
+        return self.plan(now, window_s, by, direction).answer(self._acc)
+
+    def plan(self, now: float, window_s: int, by: str, direction: str = "inbound") -> QueryPlan:
+        """What a query reads, taken at once: cheap (references and list copies), so the
+        API takes it on the event loop and computes ``answer`` in a worker thread while
+        ingest and compaction go on (see ``QueryPlan``)."""
         if by not in GROUPS:
             raise BadReport(f"by = {by!r} is not one of {', '.join(GROUPS)}")
         if direction not in DIRECTIONS:
@@ -669,40 +683,28 @@ class FleetMetrics:
         first = newest - max(1, math.ceil(window_s / SLOT_S)) + 1
         if first < self._fine_floor:  # only whole blocks are left there
             first = min(-(-max(first, self._floor) // BLOCK_SLOTS) * BLOCK_SLOTS, newest)
-        n = newest - first + 1
-        rows: dict[Key, _Row] = {}
-        agents: set[int] = set()
         with_tcp = by in ("service", "host")
-        for tables, tcp, pending, series_agents in self._pieces(first, newest):
-            agents |= series_agents
-            for key, req, fail, hosts, enc, packed in _items(tables, pending, by, direction):
-                row = rows.get(key)
-                if row is None:
-                    row = rows[key] = _Row()
-                row.requests += req
-                row.failures += fail
-                row.hosts.update(hosts)
-                row.encodings.append((enc, packed))
-            if with_tcp:
-                self._add_tcp(rows, agents, tcp, by, direction)
-        out = [r.as_json(by, k.values, n * SLOT_S, self._acc) for k, r in rows.items()]
-        out.sort(key=lambda r: (-r["requests"], r["name"]))
-        return {
-            "window_s": n * SLOT_S,
-            "by": by,
-            "direction": direction,
-            "start": float(first * SLOT_S),
-            "end": float((newest + 1) * SLOT_S),
-            "agents": len(agents),
-            "rows": out,
-            "overflow": {
-                "series": self.overflow.series,
-                "late_reports": self.overflow.late_reports,
-                "reports_dropped_by_agents": self.overflow.reports_dropped_by_agents,
-                "slots_coarsened": self.overflow.slots_coarsened,
-                "blocks_evicted": self.overflow.blocks_evicted,
+        pieces = [
+            (dict(tables), tcp.copy() if with_tcp else _NO_TCP, list(pending), set(agents))
+            for tables, tcp, pending, agents in self._pieces(first, newest)
+        ]
+        o = self.overflow
+        return QueryPlan(
+            by,
+            direction,
+            first,
+            newest,
+            pieces,
+            self._keys,
+            self._host_names,
+            {
+                "series": o.series,
+                "late_reports": o.late_reports,
+                "reports_dropped_by_agents": o.reports_dropped_by_agents,
+                "slots_coarsened": o.slots_coarsened,
+                "blocks_evicted": o.blocks_evicted,
             },
-        }
+        )
 
     def _pieces(
         self, first: int, last: int
@@ -727,15 +729,69 @@ class FleetMetrics:
                 yield slot.tables, slot.tcp, slot.pending, slot.agents
             i += 1
 
-    def _add_tcp(
-        self, rows: dict[Key, _Row], agents: set[int], tcp: _Tcp, by: str, direction: str
-    ) -> None:
+
+@dataclass(frozen=True, eq=False)
+class QueryPlan:
+    """One query's inputs as they were when ``FleetMetrics.plan`` took them.
+
+    ``answer`` is the expensive part (merging every cell and pending series of the window, then
+    percentiles: 0.5-1.6 s at 1,000 agents).  It reads only what the plan holds: copies of the
+    pieces' mutable parts (table dicts, pending lists, TCP counters, agent sets) and immutable
+    ``Table``s, which compaction replaces rather than changes.  The two shared objects are
+    safe to read from another thread: host names are only ever appended, and ``KeyRing.get``
+    takes a lock to intern.  So a query answers exactly what was accepted before it began, in
+    a worker thread, and the event loop keeps accepting reports meanwhile."""
+
+    by: str
+    direction: str
+    first: int
+    newest: int
+    pieces: list[tuple[dict[tuple[str, str], Table], _Tcp, list[_Entry], set[int]]]
+    keys: KeyRing
+    host_names: list[str]
+    overflow: dict[str, int]
+
+    def answer(self, acc: Accumulator | None = None) -> dict[str, Any]:
+        """The API's answer; ``acc`` defaults to this thread's own scratch accumulator."""
+        acc = _scratch() if acc is None else acc
+        by, direction = self.by, self.direction
+        n = self.newest - self.first + 1
+        rows: dict[Key, _Row] = {}
+        agents: set[int] = set()
+        with_tcp = by in ("service", "host")
+        for tables, tcp, pending, series_agents in self.pieces:
+            agents |= series_agents
+            for key, req, fail, hosts, enc, packed in _items(tables, pending, by, direction):
+                row = rows.get(key)
+                if row is None:
+                    row = rows[key] = _Row()
+                row.requests += req
+                row.failures += fail
+                row.hosts.update(hosts)
+                row.encodings.append((enc, packed))
+            if with_tcp:
+                self._add_tcp(rows, agents, tcp)
+        out = [r.as_json(by, k.values, n * SLOT_S, acc) for k, r in rows.items()]
+        out.sort(key=lambda r: (-r["requests"], r["name"]))
+        return {
+            "window_s": n * SLOT_S,
+            "by": by,
+            "direction": direction,
+            "start": float(self.first * SLOT_S),
+            "end": float((self.newest + 1) * SLOT_S),
+            "agents": len(agents),
+            "rows": out,
+            "overflow": dict(self.overflow),
+        }
+
+    def _add_tcp(self, rows: dict[Key, _Row], agents: set[int], tcp: _Tcp) -> None:
+        by, direction = self.by, self.direction
         for n, (host, key) in enumerate(zip(tcp.hosts, tcp.keys, strict=True)):
             agents.add(host)
             if key.direction != direction:
                 continue
             if by == "host":
-                key = self._keys.get("host", direction, (self._host_names[host],))
+                key = self.keys.get("host", direction, (self.host_names[host],))
             row = rows.get(key)
             if row is None:
                 row = rows[key] = _Row()
