@@ -264,7 +264,7 @@ def test_answers_hold_at_every_step_of_a_compaction() -> None:
 
 
 def assert_only_open_slots_pending(fleet: FleetMetrics, now: float) -> None:
-    closed = math.floor(now / fm.SLOT_S) - 1 - fm.LATE_SLOTS
+    closed = fm.closed_slot(now)
     assert all(not s.pending for i, s in fleet._slots.items() if i <= closed)
 
 

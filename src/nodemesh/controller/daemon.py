@@ -11,6 +11,7 @@ import ipaddress
 import random
 import signal
 import ssl
+import sys
 import time
 from pathlib import Path
 
@@ -35,7 +36,13 @@ from nodemesh.identity.keys import LeafInfo
 _log = log.get("nodemesh.controller")
 REGISTER_BACKOFF_CAP = 30.0  # seconds between attempts to register while Consul is away
 DEREGISTER_TIMEOUT = 5.0  # seconds a clean stop may spend telling Consul
-COMPACT_WORK = 500  # histogram merges per compaction step: ~10 ms, then the API's turn
+# Histogram merges per compaction step: ~2 ms, then the API's turn.  A report takes a few
+# dozen scheduler rounds (handshake, reads, journal, answer), each waiting out one step, so
+# 500 (~10 ms) measured acceptance p50 at 0.3 s with 1,000 agents.
+COMPACT_WORK = 100
+# Queries compute in a worker thread (metrics.QueryPlan); each time the event loop wants the
+# GIL back it waits up to this long (the default 5 ms would add as much to every round).
+SWITCH_INTERVAL_S = 0.001
 COMPACT_IDLE = 1.0  # seconds between looks when no slot is due
 
 
@@ -144,6 +151,7 @@ async def run_controller(cfg: ControllerConfig, config_path: Path | None = None)
     SIGHUP → re-read the config (log settings apply; the rest is named as needing a restart),
     and systemd's readiness, stopping and watchdog notifications."""
     signals_wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     with trio.open_signal_receiver(*signals_wanted) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(sdnotify.serve_watchdog)
