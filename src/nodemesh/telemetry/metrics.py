@@ -3,33 +3,53 @@
 Theory of operation
 -------------------
 A ``Recorder`` holds one ``Series`` per label set (direction, service, peer, route, endpoint
-host, status class).
-Recording a request is a dict lookup, two integer additions and one ``record_value`` on an
-HdrHistogram (about 1 µs); nothing is formatted or logged on the hot path.  Label sets are
-bounded: services and hosts come from the Consul catalog, routes from each service's route
-table (``routes.py``; a path no route matches is ``[default]``, so a flood of unique paths adds
-nothing), status classes are six, and past ``MAX_SERIES`` new label sets collapse into an
-``overflow`` series, counted.
+host, status class).  Label sets are bounded: services and hosts come from the Consul catalog,
+routes from each service's route table (``routes.py``; a path no route matches is
+``[default]``, so a flood of unique paths adds nothing), status classes are six, and past
+``MAX_SERIES`` new label sets collapse into an ``overflow`` series, counted.
 
 Histograms keep microseconds from 1 µs to 60 s at 3 significant digits, so any percentile is
 exact to 0.1 %, and their standard V2 encoding merges exactly across agents (``nodemesh stat``).
 
-A request is recorded into the current reporting interval's histogram only; ``cut`` hands
-the interval to the reporter, folds it into the series' past (one array addition in C) and
-starts a fresh one, so shipping intervals costs the hot path nothing.  ``Series.latency``, the
-cumulative view for ``/metrics`` and ``/stats.json``, is the past plus the open interval.  A
-fresh histogram is allocated rather than reset: reset walks every bucket in Python (~0.8 ms),
-allocation is ~0.1 ms, and only series that saw traffic need one.
+Recording a request does not touch an HdrHistogram: hdrh's ``record_value`` is pure Python
+and cost 1.3 µs of the 1.8 µs a request took (bench/recording.py, docs/benchmarks.md).
+Instead ``request`` does a dict lookup for the series, one addition to its count, computes
+the histogram's counts index of the clamped latency in two integer operations, and adds one
+to that index in the series' sparse ``interval_counts`` dict (index -> count).  That index
+is hdrh's own ``_counts_index_for``: for a histogram whose ``unit_magnitude`` is 0 it is
+``b = (v | sub_bucket_mask).bit_length() - (sub_bucket_half_count_magnitude + 1)`` and
+``(b << sub_bucket_half_count_magnitude) + (v >> b)``.  The constants are read from a
+histogram at import, and the import fails if hdrh lays the counts out differently.
+
+``cut`` (every reporting interval) *folds* each active series' sparse counts into a fresh
+HdrHistogram: the counts go into hdrh's counts array and ``set_internal_tacking_values``
+(hdrh's own decode path) sets total, min and max from the lowest and highest index.  hdrh
+reports min and max only as bucket bounds (``get_min_value``, ``get_max_value``) and encodes
+counts only up to the max's bucket, so the folded histogram encodes to the same bytes and
+gives the same count, min, max, mean and percentiles as one fed by ``record_value``
+(tests/unit/test_recording_index.py checks that).  The fold costs ~40 ns per distinct
+bucket on top of what a cut always cost (a fresh histogram and one array addition into the
+series' past, in C); the benchmark reports it per request.  A dict rather than a full
+counts array per series: an interval touches tens to a few thousand of the 17,408 buckets,
+and agents hold thousands of series.
+
+``Series.latency``, the cumulative view for ``/metrics`` and ``/stats.json``, is the past
+plus the open interval folded on demand.  hdrh's ``add`` reads an empty histogram's min as
+0, so merges restore the true min (``merge``).  Histograms are allocated, not reset: reset
+walks every bucket in Python (~0.8 ms), allocation is ~0.1 ms, and only series that saw
+traffic need one.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from hdrh.histogram import HdrHistogram
+
+from nodemesh.errors import NodemeshError
 
 LOWEST_US = 1
 HIGHEST_US = 60_000_000
@@ -43,7 +63,58 @@ def new_histogram() -> HdrHistogram:
     return HdrHistogram(LOWEST_US, HIGHEST_US, DIGITS)
 
 
-@dataclass
+def _index_constants() -> tuple[int, int, int]:
+    """``sub_bucket_mask``, the bucket shift and ``sub_bucket_half_count_magnitude`` of the
+    recorder's histograms, checked against the layout ``counts_index`` assumes."""
+    h = new_histogram()
+    mask, half_mag = h.sub_bucket_mask, h.sub_bucket_half_count_magnitude
+    if h.unit_magnitude != 0 or mask != (1 << (half_mag + 1)) - 1:
+        raise NodemeshError(
+            f"hdrh lays out HdrHistogram({LOWEST_US}, {HIGHEST_US}, {DIGITS}) with "
+            f"unit_magnitude={h.unit_magnitude}, sub_bucket_mask={mask}, "
+            f"sub_bucket_half_count_magnitude={half_mag}, which telemetry/metrics.py's "
+            "counts index does not handle; install the hdrhistogram version pyproject.toml names"
+        )
+    return mask, half_mag + 1, half_mag
+
+
+_MASK, _SHIFT, _HALF_MAG = _index_constants()
+# Status code -> class for 0..599 (a tuple index is cheaper than arithmetic on the hot path).
+_CLASS_OF = tuple("error" if s < 100 else STATUS_CLASSES[s // 100 - 1] for s in range(600))
+
+
+def clamp_us(seconds: float) -> int:
+    """The latency in whole microseconds, clamped to the histograms' range."""
+    return min(max(int(seconds * 1_000_000), LOWEST_US), HIGHEST_US)
+
+
+def counts_index(us: int) -> int:
+    """hdrh's counts index of ``us`` (1 <= us <= HIGHEST_US); ``request`` inlines this."""
+    b = (us | _MASK).bit_length() - _SHIFT
+    return (b << _HALF_MAG) + (us >> b)
+
+
+def histogram_of(counts: Mapping[int, int]) -> HdrHistogram:
+    """A fresh histogram holding sparse ``counts`` (counts index -> count), with the total,
+    min and max hdrh would have tracked had the values been recorded one by one."""
+    h = new_histogram()
+    if counts:
+        c = h.counts
+        for i, n in counts.items():
+            c[i] = n
+        h.set_internal_tacking_values(min(counts), max(counts), sum(counts.values()))
+    return h
+
+
+def merge(into: HdrHistogram, other: HdrHistogram) -> None:
+    """``into.add(other)`` with the true min: hdrh's ``add`` takes the min of both
+    ``get_min_value()``s, and an empty histogram's is 0."""
+    low = min(into.min_value, other.min_value)  # sys.maxsize for an empty one
+    into.add(other)
+    into.min_value = low
+
+
+@dataclass(slots=True)
 class Series:
     direction: str  # "outbound" | "inbound"
     service: str  # the destination service
@@ -52,20 +123,23 @@ class Series:
     endpoint: str  # outbound: the node that served it; inbound: "" (this node)
     status: str  # "2xx" ... or "error" (no status: cut off or failed before a response)
     count: int = 0
-    interval_count: int = 0
-    interval: HdrHistogram = field(default_factory=new_histogram)  # since the last cut
+    # Since the last cut: hdrh counts index -> requests (see the module docstring).
+    interval_counts: dict[int, int] = field(default_factory=dict)
     past: HdrHistogram = field(default_factory=new_histogram)  # every interval already cut
 
     @property
+    def interval_count(self) -> int:
+        """Requests since the last cut."""
+        return sum(self.interval_counts.values())
+
+    @property
     def latency(self) -> HdrHistogram:
-        """Every latency recorded so far (a new histogram when both parts hold values)."""
-        if not self.interval_count:
+        """Every latency recorded so far (a new histogram when the interval holds values)."""
+        if not self.interval_counts:
             return self.past
-        if not self.past.get_total_count():
-            return self.interval
-        h = new_histogram()
-        h.add(self.past)
-        h.add(self.interval)
+        h = histogram_of(self.interval_counts)
+        if self.past.total_count:
+            merge(h, self.past)
         return h
 
     def __repr__(self) -> str:
@@ -133,7 +207,8 @@ class Recorder:
         route: str = DEFAULT_ROUTE,
         endpoint: str = "",
     ) -> None:
-        cls = STATUS_CLASSES[status // 100 - 1] if 100 <= status < 600 else "error"
+        # The hot path (bench/recording.py): clamp_us and counts_index inlined, no calls.
+        cls = _CLASS_OF[status] if 0 <= status < 600 else "error"
         key = (direction, service, peer, route, endpoint, cls)
         s = self._series.get(key)
         if s is None:
@@ -144,8 +219,15 @@ class Recorder:
             if s is None:
                 s = self._series[key] = Series(*key)
         s.count += 1
-        s.interval_count += 1
-        s.interval.record_value(min(max(int(seconds * 1_000_000), LOWEST_US), HIGHEST_US))
+        us = int(seconds * 1_000_000)
+        if us < LOWEST_US:
+            us = LOWEST_US
+        elif us > HIGHEST_US:
+            us = HIGHEST_US
+        b = (us | _MASK).bit_length() - _SHIFT
+        i = (b << _HALF_MAG) + (us >> b)
+        counts = s.interval_counts
+        counts[i] = counts.get(i, 0) + 1
 
     def cut(self) -> list[Cut]:
         """The interval's count and histogram of every series that saw requests since the last
@@ -153,7 +235,9 @@ class Recorder:
         read and the reset."""
         out: list[Cut] = []
         for s in self._series.values():
-            if s.interval_count:
+            counts = s.interval_counts
+            if counts:
+                h = histogram_of(counts)
                 out.append(
                     Cut(
                         s.direction,
@@ -162,13 +246,12 @@ class Recorder:
                         s.route,
                         s.endpoint,
                         s.status,
-                        s.interval_count,
-                        s.interval,
+                        h.total_count,
+                        h,
                     )
                 )
-                s.past.add(s.interval)
-                s.interval_count = 0
-                s.interval = new_histogram()
+                merge(s.past, h)
+                s.interval_counts = {}
         return out
 
     def tcp(self, direction: str, service: str) -> TcpSeries:
