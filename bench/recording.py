@@ -16,9 +16,25 @@ called positionally the way ``inbound/server.py`` and ``outbound/server.py`` cal
 Every round runs all four over the same list, in a rotated order, after a ``gc.collect()``;
 ``time.perf_counter_ns`` brackets each pass.  The result is ns per call: median and spread
 over rounds, plus the per-round difference ``recorder - empty`` (what recording adds to a
-request).  Then, also timed per call or per cut: the first request of a new label set (two
-histograms allocated), ``Recorder.cut`` with N series, and ``build_report`` (cut plus the V2
-encodings) with ``json.dumps`` of the result, which is what the agent sends every interval.
+request).
+
+A request's cost does not end at ``request``: every interval ``Recorder.cut`` turns each
+active series into a histogram (a fresh HdrHistogram, the interval's counts folded or handed
+in, one array addition into the series' past), and that work is per series, not per request.
+So ``interval`` records one interval into S series of R requests each (latencies from the
+mix), times the cut, and divides by the S x R requests: the cut's share of a request, for a
+quiet series (R = 10, where the per-series work dominates) and a busy one (R = 10,000).
+``recorder - empty`` plus that share is the honest total per request.  The same phase counts
+the memory per series (tracemalloc, and the RSS growth) with the interval open and after the
+cut.
+
+Then, also timed per call or per cut: the first request of a new label set (its Series and
+histograms allocated), ``Recorder.cut`` with N series of 1 to 2,000 requests, and
+``build_report`` (cut plus the V2 encodings) with ``json.dumps`` of the result, which is what
+the agent sends every interval.
+
+Only ``Recorder.request``, ``Recorder.cut`` and ``build_report`` are called, so the same
+driver measures any revision (``--rev``) of the recorder, before and after a change.
 
 The numbers go to a JSON file under bench/results/ and a table to stdout.  Pure parts
 (``label_mix``, ``spread``) are checked in bench/test_bench.py.
@@ -35,6 +51,7 @@ import platform
 import random
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -42,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import source
-from measure import cpu_seconds, loadavg, machine_busy_seconds
+from measure import cpu_seconds, loadavg, machine_busy_seconds, rss_bytes
 
 from nodemesh.telemetry.metrics import (
     DEFAULT_ROUTE,
@@ -215,8 +232,110 @@ def per_call(calls: Sequence[Call], rounds: int, say: Callable[[str], None]) -> 
     }
 
 
+# (series, requests per series) in one interval: quiet series, where the cut's per-series
+# work dominates, and one busy series, where the fold's per-bucket work shows.
+INTERVALS = ((100, 10), (10, 1_000), (1, 10_000))
+
+
+def interval_calls(series: int, requests: int, mix: Sequence[Call]) -> list[Call]:
+    """One interval: ``requests`` calls into each of ``series`` label sets (2xx), interleaved
+    as traffic is, with the labels and latencies of ``mix`` (pure)."""
+    out: list[Call] = []
+    for k in range(requests):
+        for i in range(series):
+            d, svc, _, _, _, route, host = mix[i % len(mix)]
+            seconds = mix[(k * series + i) % len(mix)][4]
+            out.append((d, svc, f"peer-{i}", 200, seconds, route, host))
+    return out
+
+
+def distinct_buckets(calls: Sequence[Call]) -> int:
+    """How many histogram buckets the calls' latencies fall in, across all their series."""
+    h = new_histogram()
+    return len(
+        {h.get_lowest_equivalent_value(min(max(int(c[4] * 1e6), LOWEST_US), HIGHEST_US))
+         for c in calls}
+    )  # fmt: skip
+
+
+def per_request(ns: float, requests: int) -> float:
+    """``ns`` spread over ``requests`` (pure)."""
+    if requests <= 0:
+        raise ValueError(f"per_request of {requests} requests")
+    return ns / requests
+
+
+def interval(
+    rounds: int, mix: Sequence[Call], added_ns: float, say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """The cut's share of a request, and memory per series, for each of ``INTERVALS``."""
+    rows: list[dict[str, Any]] = []
+    for series, requests in INTERVALS:
+        calls = interval_calls(series, requests, mix)
+        n = len(calls)
+        record_ns: list[float] = []
+        cut_ns: list[float] = []
+        for _ in range(rounds):
+            rec = Recorder()
+            for c in calls[:series]:  # steady state: the series exist and were cut before
+                rec.request(*c)
+            rec.cut()
+            record_ns.append(per_request(_pass(rec.request, calls), n))
+            gc.collect()
+            t0 = time.perf_counter_ns()
+            cuts = rec.cut()
+            cut_ns.append(per_request(time.perf_counter_ns() - t0, n))
+            assert len(cuts) == series and sum(c.count for c in cuts) == n
+            del rec, cuts
+        cut = spread(cut_ns)
+        row: dict[str, Any] = {
+            "series": series,
+            "requests_per_series": requests,
+            "buckets_per_series": distinct_buckets(calls[::series]),
+            "record_ns_per_request": asdict(spread(record_ns)),
+            "cut_ns_per_request": asdict(cut),
+            "recorder_minus_empty_plus_cut_ns": added_ns + cut.median,
+            "memory": memory_per_series(series, calls),
+        }
+        mem = row["memory"]
+        say(
+            f"{series} x {requests}: cut {cut.median:,.0f} ns a request, total "
+            f"{row['recorder_minus_empty_plus_cut_ns']:,.0f} ns; {mem['open_traced_bytes']:,.0f}"
+            f" B a series open, {mem['cut_traced_bytes']:,.0f} B cut"
+        )
+        rows.append(row)
+    return rows
+
+
+def memory_per_series(series: int, calls: Sequence[Call], copies: int = 20) -> dict[str, float]:
+    """Bytes per series, by tracemalloc and by RSS growth, over ``copies`` recorders (so the
+    RSS step is many pages) holding ``calls`` as one open interval, and after the cut."""
+    gc.collect()
+    tracemalloc.start()
+    base, rss0 = tracemalloc.get_traced_memory()[0], rss_bytes(os.getpid())
+    recs = [Recorder() for _ in range(copies)]
+    for rec in recs:
+        for c in calls:
+            rec.request(*c)
+    gc.collect()
+    open_traced, rss1 = tracemalloc.get_traced_memory()[0], rss_bytes(os.getpid())
+    for rec in recs:
+        rec.cut()
+    gc.collect()  # hdrh's histograms are reference cycles: freed by the collector only
+    cut_traced, rss2 = tracemalloc.get_traced_memory()[0], rss_bytes(os.getpid())
+    tracemalloc.stop()
+    del recs
+    k = copies * series
+    return {
+        "open_traced_bytes": (open_traced - base) / k,
+        "cut_traced_bytes": (cut_traced - base) / k,
+        "open_rss_bytes": (rss1 - rss0) / k,
+        "cut_rss_bytes": (rss2 - rss0) / k,
+    }
+
+
 def new_series_cost(rounds: int, n: int = 2000) -> dict[str, Any]:
-    """ns for a request whose label set is new (its Series and two histograms are made)."""
+    """ns for a request whose label set is new (its Series and histograms are made)."""
     out: list[float] = []
     calls = [("inbound", "svc", f"peer-{i}", 200, 0.001, DEFAULT_ROUTE, "") for i in range(n)]
     for _ in range(rounds):
@@ -312,6 +431,18 @@ def table(result: dict[str, Any]) -> str:
         f"recording adds {add['median']:.0f} ns per request (range {add['low']:.0f}-"
         f"{add['high']:.0f} over {add['n']} rounds)"
     )
+    lines.append(
+        f"{'series x requests':>18} {'buckets':>8} {'cut ns/req':>11} {'total ns/req':>13} "
+        f"{'KB/series open':>15} {'cut':>6}"
+    )
+    for row in result.get("interval", []):
+        mem = row["memory"]
+        lines.append(
+            f"{row['series']:>8} x {row['requests_per_series']:<7,} {row['buckets_per_series']:>8}"
+            f" {row['cut_ns_per_request']['median']:>11,.0f}"
+            f" {row['recorder_minus_empty_plus_cut_ns']:>13,.0f}"
+            f" {mem['open_traced_bytes'] / 1024:>15,.1f} {mem['cut_traced_bytes'] / 1024:>6,.1f}"
+        )
     first = result["new_series"]["ns_per_first_request"]
     lines.append(f"first request of a new label set: {first['median'] / 1000:.0f} µs")
     lines.append(f"{'series':>7} {'cut ms':>8} {'build_report ms':>16} {'json ms':>8} {'body':>9}")
@@ -346,6 +477,24 @@ def markdown(result: dict[str, Any]) -> str:
         f"| first request of a new label set | {first['median']:,.0f} "
         f"| {first['q1']:,.0f} – {first['q3']:,.0f} | {first['low']:,.0f} – {first['high']:,.0f} |"
     )
+    if "interval" in result:
+        out += [
+            "",
+            "| series × requests in the interval | buckets a series | cut ns per request, median"
+            " (min – max) | recorder − empty + cut, ns per request | KB a series: open, cut "
+            "(tracemalloc) | KB a series: open, cut (RSS) |",
+            "|---|---:|---|---:|---|---|",
+        ]
+        for row in result["interval"]:
+            c, mem = row["cut_ns_per_request"], row["memory"]
+            out.append(
+                f"| {row['series']:,} × {row['requests_per_series']:,} "
+                f"| {row['buckets_per_series']:,} "
+                f"| {c['median']:,.0f} ({c['low']:,.0f} – {c['high']:,.0f}) "
+                f"| {row['recorder_minus_empty_plus_cut_ns']:,.0f} "
+                f"| {mem['open_traced_bytes'] / 1024:,.1f}, {mem['cut_traced_bytes'] / 1024:,.1f} "
+                f"| {mem['open_rss_bytes'] / 1024:,.1f}, {mem['cut_rss_bytes'] / 1024:,.1f} |"
+            )
     out += [
         "",
         "| series | cut ms | build_report ms (cut + encodings) | json.dumps ms | body bytes |",
@@ -402,6 +551,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loadavg_at_start": load0,
     }
     result["per_call"] = per_call(calls, args.rounds, say)
+    added = result["per_call"]["recorder_minus_empty_ns"]["median"]
+    result["interval"] = interval(args.cut_rounds, calls, added, say)
     result["new_series"] = new_series_cost(args.rounds)
     result["cut_and_report"] = cut_and_report(args.sizes, args.cut_rounds, calls, say)
     wall = time.monotonic() - wall0

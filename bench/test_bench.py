@@ -204,6 +204,47 @@ def test_spread_gives_median_extremes_and_quartiles() -> None:
         recording.spread([])
 
 
+def test_an_interval_fills_each_series_evenly_with_the_mix_latencies() -> None:
+    mix = recording.label_mix(50)
+    calls = recording.interval_calls(3, 4, mix)
+    assert calls == recording.interval_calls(3, 4, mix) and len(calls) == 12
+    rec = Recorder()
+    for c in calls:
+        rec.request(*c)
+    assert sorted(s.count for s in rec.series()) == [4, 4, 4]
+    assert {c[4] for c in calls[::3]} == {mix[k * 3][4] for k in range(4)}  # series 0, in order
+    assert {c[3] for c in calls} == {200}
+
+
+def test_buckets_and_per_request_shares() -> None:
+    d, svc, peer, status, _, route, host = recording.label_mix(1)[0]
+    seconds = (1e-6, 1.9e-6, 0.01, 0.010001, 0.011, 1e3)
+    at = [(d, svc, peer, status, s, route, host) for s in seconds]
+    # 1 and 1 µs; 10,000 and 10,001 µs share an 8 µs wide bucket; 11,000; 60 s (clamped).
+    assert recording.distinct_buckets(at) == 4
+    assert recording.per_request(5_000, 10) == 500
+    with pytest.raises(ValueError, match="0 requests"):
+        recording.per_request(5_000, 0)
+
+
+def test_markdown_shows_the_interval_rows_and_reads_older_results() -> None:
+    s = {"median": 1.0, "low": 1.0, "high": 1.0, "q1": 1.0, "q3": 1.0, "n": 1}
+    mem = {"open_traced_bytes": 2048, "cut_traced_bytes": 1024, "open_rss_bytes": 4096,
+           "cut_rss_bytes": 0}  # fmt: skip
+    result = {
+        "per_call": {"ns_per_call": {"empty": s}, "recorder_minus_empty_ns": s},
+        "new_series": {"ns_per_first_request": s},
+        "cut_and_report": [],
+        "interval": [{"series": 100, "requests_per_series": 10, "buckets_per_series": 9,
+                      "cut_ns_per_request": s | {"median": 4321.0},
+                      "recorder_minus_empty_plus_cut_ns": 4900.0, "memory": mem}],
+    }  # fmt: skip
+    text = recording.markdown(result)
+    assert "| 100 × 10 | 9 | 4,321 (1 – 1) | 4,900 | 2.0, 1.0 | 4.0, 0.0 |" in text
+    del result["interval"]
+    assert "series × requests" not in recording.markdown(result)
+
+
 def test_agent_series_are_distinct_and_half_inbound() -> None:
     for i in (0, 1, 57, 299):
         labels = ingest.agent_series(i, 300, 50)
