@@ -20,10 +20,10 @@ from nodemesh.telemetry.metrics import (
     HIGHEST_US,
     LOWEST_US,
     Recorder,
+    add_sparse,
     clamp_us,
     counts_index,
     histogram_of,
-    merge,
     new_histogram,
 )
 
@@ -66,6 +66,13 @@ def assert_same(got: HdrHistogram, want: HdrHistogram) -> None:
 def only_series(rec: Recorder) -> metrics.Series:
     (s,) = list(rec.series())
     return s
+
+
+@pytest.fixture(params=["bucket by bucket", "whole arrays"])
+def past_adds(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a test with every cut adding its interval into the past each way."""
+    below = 10**9 if request.param == "bucket by bucket" else 0
+    monkeypatch.setattr(metrics, "ADD_SPARSE_BELOW", below)
 
 
 # --- the index -----------------------------------------------------------------------------
@@ -137,6 +144,7 @@ def test_a_cut_is_byte_identical_to_record_value(seed: int) -> None:
     assert_same(cut.latency, truth(seconds))
 
 
+@pytest.mark.usefixtures("past_adds")
 def test_cut_after_cut_stays_right_and_latency_is_the_running_truth() -> None:
     rng = random.Random(11)
     # Busy, single-value, one-bucket, idle, extremes-only and ordinary intervals.
@@ -167,6 +175,7 @@ def test_cut_after_cut_stays_right_and_latency_is_the_running_truth() -> None:
     assert rec.cut() == []
 
 
+@pytest.mark.usefixtures("past_adds")
 def test_latency_mid_interval_is_past_plus_the_open_interval() -> None:
     rng = random.Random(5)
     rec = Recorder()
@@ -186,8 +195,8 @@ def test_latency_mid_interval_is_past_plus_the_open_interval() -> None:
     assert_same(cut.latency, truth(second))
 
 
+@pytest.mark.usefixtures("past_adds")
 def test_a_fast_past_keeps_its_min_under_a_slow_interval() -> None:
-    # merge's reason: hdrh's add would take the min of an empty histogram as 0.
     rec = Recorder()
     rec.request("inbound", "web", "shop", 200, 0.000_005)
     rec.cut()
@@ -197,12 +206,20 @@ def test_a_fast_past_keeps_its_min_under_a_slow_interval() -> None:
     assert only_series(rec).latency.get_min_value() == 5
 
 
-def test_merge_equals_recording_both_into_one() -> None:
+def test_adding_an_interval_either_way_equals_recording_both_into_one() -> None:
     rng = random.Random(9)
     a, b = random_seconds(rng, 2000), random_seconds(rng, 10)
-    for left, right in ((a, b), (b, a), ([], a), (a, [])):
+    # The recorder adds only intervals that saw requests: hdrh's add of an empty histogram
+    # would set the min to 0.
+    for left, right in ((a, b), (b, a), ([], a)):
         into = truth(left)
-        merge(into, truth(right))
+        into.add(truth(right))
+        assert_same(into, truth(left + right))
+        counts: dict[int, int] = {}
+        for us in (clamp_us(x) for x in right):
+            counts[counts_index(us)] = counts.get(counts_index(us), 0) + 1
+        into = truth(left)
+        add_sparse(into, counts, histogram_of(counts))
         assert_same(into, truth(left + right))
 
 
