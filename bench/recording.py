@@ -25,8 +25,7 @@ So ``interval`` records one interval into S series of R requests each (latencies
 mix), times the cut, and divides by the S x R requests: the cut's share of a request, for a
 quiet series (R = 10, where the per-series work dominates) and a busy one (R = 10,000).
 ``recorder - empty`` plus that share is the honest total per request.  The same phase counts
-the memory per series (tracemalloc, and the RSS growth) with the interval open and after the
-cut.
+the memory allocated per series (tracemalloc) with the interval open and after the cut.
 
 Then, also timed per call or per cut: the first request of a new label set (its Series and
 histograms allocated), ``Recorder.cut`` with N series of 1 to 2,000 requests, and
@@ -59,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import source
-from measure import cpu_seconds, loadavg, machine_busy_seconds, rss_bytes
+from measure import cpu_seconds, loadavg, machine_busy_seconds
 
 from nodemesh.telemetry.metrics import (
     DEFAULT_ROUTE,
@@ -308,29 +307,29 @@ def interval(
 
 
 def memory_per_series(series: int, calls: Sequence[Call], copies: int = 20) -> dict[str, float]:
-    """Bytes per series, by tracemalloc and by RSS growth, over ``copies`` recorders (so the
-    RSS step is many pages) holding ``calls`` as one open interval, and after the cut."""
+    """Bytes allocated per series (tracemalloc) by ``copies`` recorders holding ``calls`` as
+    one open interval, and after the cut.  Allocated, not resident: the counts arrays are
+    zeroed allocations whose untouched pages may never become resident, and RSS growth in a
+    process that freed as much before says little, so it is not reported."""
     gc.collect()
     tracemalloc.start()
-    base, rss0 = tracemalloc.get_traced_memory()[0], rss_bytes(os.getpid())
+    base = tracemalloc.get_traced_memory()[0]
     recs = [Recorder() for _ in range(copies)]
     for rec in recs:
         for c in calls:
             rec.request(*c)
     gc.collect()
-    open_traced, rss1 = tracemalloc.get_traced_memory()[0], rss_bytes(os.getpid())
+    open_traced = tracemalloc.get_traced_memory()[0]
     for rec in recs:
         rec.cut()
     gc.collect()  # hdrh's histograms are reference cycles: freed by the collector only
-    cut_traced, rss2 = tracemalloc.get_traced_memory()[0], rss_bytes(os.getpid())
+    cut_traced = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     del recs
     k = copies * series
     return {
         "open_traced_bytes": (open_traced - base) / k,
         "cut_traced_bytes": (cut_traced - base) / k,
-        "open_rss_bytes": (rss1 - rss0) / k,
-        "cut_rss_bytes": (rss2 - rss0) / k,
     }
 
 
@@ -481,9 +480,9 @@ def markdown(result: dict[str, Any]) -> str:
         out += [
             "",
             "| series × requests in the interval | buckets a series | cut ns per request, median"
-            " (min – max) | recorder − empty + cut, ns per request | KB a series: open, cut "
-            "(tracemalloc) | KB a series: open, cut (RSS) |",
-            "|---|---:|---|---:|---|---|",
+            " (min – max) | recorder − empty + cut, ns per request | KB allocated a series: "
+            "interval open, after the cut |",
+            "|---|---:|---|---:|---|",
         ]
         for row in result["interval"]:
             c, mem = row["cut_ns_per_request"], row["memory"]
@@ -492,8 +491,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {row['buckets_per_series']:,} "
                 f"| {c['median']:,.0f} ({c['low']:,.0f} – {c['high']:,.0f}) "
                 f"| {row['recorder_minus_empty_plus_cut_ns']:,.0f} "
-                f"| {mem['open_traced_bytes'] / 1024:,.1f}, {mem['cut_traced_bytes'] / 1024:,.1f} "
-                f"| {mem['open_rss_bytes'] / 1024:,.1f}, {mem['cut_rss_bytes'] / 1024:,.1f} |"
+                f"| {mem['open_traced_bytes'] / 1024:,.1f}, {mem['cut_traced_bytes'] / 1024:,.1f} |"
             )
     out += [
         "",
