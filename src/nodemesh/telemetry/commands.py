@@ -24,7 +24,9 @@ from nodemesh.errors import ConfigError, NodemeshError
 from nodemesh.identity.client import ControllerUnavailable
 from nodemesh.telemetry import query, views
 
-FETCH_TIMEOUT = 5.0  # seconds for one query; the controller answers from memory
+# Seconds for one query.  The controller answers from memory, but at 1,000 agents a 1m
+# by=edge answer takes it 3-4 s to compute (docs/benchmarks.md), and a 1h one more.
+FETCH_TIMEOUT = 30.0
 F = TypeVar("F", bound=Callable[..., Any])
 
 

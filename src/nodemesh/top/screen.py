@@ -19,7 +19,11 @@ from nodemesh.errors import NodemeshError
 from nodemesh.top.model import View, lines, parse_rows, press
 
 REFRESH = 1.0  # seconds between fetches; linkerd viz top refreshes about as often
-FETCH_TIMEOUT = 2.0  # seconds one fetch may take before the controller counts as unreachable
+# Seconds one fetch may take before the controller counts as unreachable.  A refused or
+# reset connection fails at once; this is for a hung one.  A controller of 1,000 agents takes
+# a few seconds to compute a 1m by=edge_route answer (docs/benchmarks.md), which is slow, not
+# gone.
+FETCH_TIMEOUT = 10.0
 KEY_POLL = 0.05  # seconds between key polls: responsive without spinning a core
 UNREACHABLE = "controller unreachable, retrying"
 
