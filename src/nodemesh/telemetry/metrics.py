@@ -75,7 +75,8 @@ def _index_constants() -> tuple[int, int, int]:
             f"hdrh lays out HdrHistogram({LOWEST_US}, {HIGHEST_US}, {DIGITS}) with "
             f"unit_magnitude={h.unit_magnitude}, sub_bucket_mask={mask}, "
             f"sub_bucket_half_count_magnitude={half_mag}, which telemetry/metrics.py's "
-            "counts index does not handle; install the hdrhistogram version pyproject.toml names"
+            "counts index does not handle; install hdrhistogram 0.10.8 (the version it was "
+            "checked against) or adapt counts_index to the new layout"
         )
     return mask, half_mag + 1, half_mag
 
