@@ -18,10 +18,11 @@ in this process, N simulated agents:
   10-1,000 for 2xx series and 1-40 for error series: about 1,000 requests/s per host).
   Agents start at offsets spread evenly (with jitter) over one interval, so the load is
   smooth, as a fleet's is.
-- **The wire.**  The agent's own ``ControllerClient.report_metrics``: a new TCP connection and
-  a full TLS 1.3 handshake with the node certificate for every report, ``connection: close``
-  (``identity/client.py`` does not reuse connections).  Only its TLS context is built once per
-  agent instead of per report; that saves the load generator work the controller never sees.
+- **The wire.**  The agent's own ``ControllerClient.report_metrics``, made as the agent makes
+  it (``keep_reports``): one TLS 1.3 connection with the node certificate, kept from report to
+  report while it is younger than ``KEEP_IDLE_S`` (``identity/client.py``).  ``--connections
+  close`` measures the way agents worked before: a new connection and a full handshake for
+  every report.  Its TLS context is built once per agent.
 - **Delivery** follows ``telemetry/reporter.py``: a queue per agent, oldest first, each attempt
   under ``SEND_TIMEOUT``, retries after ``reporter.backoff``.
 
@@ -303,10 +304,12 @@ def running_controller(d: Path, consul_port: int) -> Iterator[Controller]:
 class BenchClient(ControllerClient):
     """The agent's client with its TLS context built once (see the module docstring)."""
 
-    def __init__(self, address: str, roots: bytes, pair: tuple[bytes, bytes]) -> None:
+    def __init__(
+        self, address: str, roots: bytes, pair: tuple[bytes, bytes], keep: bool = True
+    ) -> None:
         self.pair = pair
         self._ctx: ssl.SSLContext | None = None
-        super().__init__(lambda: address, roots, TOKEN)
+        super().__init__(lambda: address, roots, TOKEN, keep_reports=keep)
         self._ctx = super()._context(pair)
 
     def _context(self, pair: tuple[bytes, bytes] | None) -> ssl.SSLContext:
@@ -687,7 +690,8 @@ def run_scale(n: int, args: argparse.Namespace, consul_port: int, work: Path) ->
         issue_s = time.monotonic() - t
         roots = (ctl.state_dir / "ca.pem").read_bytes()
         t = time.monotonic()
-        clients = [BenchClient(ctl.address, roots, p) for p in pairs]
+        keep = args.connections == "keep"
+        clients = [BenchClient(ctl.address, roots, p, keep) for p in pairs]
         ctx_s = time.monotonic() - t
         say(f"{tag}: {n} node certificates in {issue_s:.1f} s, TLS contexts in {ctx_s:.1f} s")
         fleet = Fleet(n, args.interval, labels, pool, clients, backlog=[0] * n)
@@ -701,6 +705,7 @@ def run_scale(n: int, args: argparse.Namespace, consul_port: int, work: Path) ->
         "interval_s": args.interval,
         "services": n_services(n),
         "pool": {"size": args.pool, "busy_counts": BUSY_COUNTS, "sparse_counts": SPARSE_COUNTS},
+        "connections": args.connections,
         "hdr_chars": {"min": min(sizes), "median": sorted(sizes)[len(sizes) // 2],
                       "max": max(sizes)},
         "example_body_bytes": body,
@@ -916,6 +921,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--intervals", type=int, default=5, help="intervals measured")
     ap.add_argument("--queries", type=int, default=1, help="queries of each kind")
     ap.add_argument("--pool", type=int, default=256, help="distinct histograms of each kind")
+    ap.add_argument(
+        "--connections",
+        choices=("keep", "close"),
+        default="keep",
+        help="keep each agent's connection from report to report (as agents do), or a new "
+        "connection and handshake for every report",
+    )
     ap.add_argument("--max-seconds", type=float, default=270.0, help="bound on one fleet's load")
     ap.add_argument("--profile", action="store_true", help="py-spy the controller")
     ap.add_argument(
@@ -975,7 +987,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 0
         for path, doc in zip(args.markdown, docs, strict=True):
-            print(f"**{path.name}** ({doc['nodemesh'][:7]})\n\n{markdown(doc)}\n")
+            conns = doc["params"].get("connections", "close")  # before the flag: one a report
+            print(f"**{path.name}** ({doc['nodemesh'][:7]}, connections: {conns})\n")
+            print(f"{markdown(doc)}\n")
         return 0
     source.reexec_at(args.rev, Path(__file__).resolve(), argv)
     from mesh_http import machine  # the lab's imports only once the revision is chosen

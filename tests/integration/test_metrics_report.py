@@ -166,3 +166,75 @@ async def test_report_endpoint_refusals_over_the_wire(
         await client.metrics("2d", "service", *pair)
     assert e.value.status == 400 and "window" in e.value.message
     assert (await client.metrics("1h", "route", *pair))["rows"] == []
+
+
+def _empty_report(agent: str, seq: int) -> dict[str, object]:
+    import time
+
+    end = time.time()
+    return {"agent": agent, "seq": seq, "start": end - 10, "end": end, "series": [], "tcp": []}
+
+
+async def _report_when_ready(
+    client: ControllerClient, doc: dict[str, object], pair: tuple[bytes, bytes]
+) -> bool:
+    """A restarted controller answers 503 until its journal is replayed."""
+    with trio.fail_after(20):
+        while True:
+            try:
+                return await client.report_metrics(doc, *pair)
+            except ControllerRefused as e:
+                if e.status != 503:
+                    raise
+            await trio.sleep(0.1)
+
+
+async def test_the_agent_keeps_its_report_connection_and_replaces_a_stale_one(
+    dev_consul: DevConsul, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from nodemesh.identity import client as client_module
+
+    cfg = _config(tmp_path, dev_consul.http_port)
+    async with trio.open_nursery() as first_life:
+        ctl = await _start(first_life, cfg)
+        client = ControllerClient(lambda: ctl.address, ctl.roots, TOKEN, keep_reports=True)
+        pair = await _node_pair(ctl)
+        ident = keys.leaf_info(pair[0]).identity
+        assert ident is not None
+        agent = ident.uri
+        assert await client.report_metrics(_empty_report(agent, 0), *pair) is False
+        kept = client._kept
+        assert kept is not None
+        assert await client.report_metrics(_empty_report(agent, 1), *pair) is False
+        assert client._kept is kept  # the second report went over the same connection
+        first_life.cancel_scope.cancel()
+
+    # The controller went away and came back at the same address: the kept connection is
+    # dead, and the next report goes over a new one without an error.
+    async with trio.open_nursery() as second_life:
+        await _start(second_life, replace(cfg, listen=("127.0.0.1", ctl.port)))  # type: ignore[type-var]
+        assert await _report_when_ready(client, _empty_report(agent, 2), pair) is False
+        renewed = client._kept
+        assert renewed is not None and renewed is not kept
+        assert await client.report_metrics(_empty_report(agent, 1), *pair) is True  # journal
+
+        monkeypatch.setattr(client_module, "KEEP_IDLE_S", 0.0)  # idle too long: not reused
+        assert await client.report_metrics(_empty_report(agent, 3), *pair) is False
+        assert client._kept is not None and client._kept is not renewed
+        await client.aclose()
+        assert client._kept is None
+        second_life.cancel_scope.cancel()
+
+
+async def test_a_client_without_keep_reports_holds_no_connection(
+    dev_consul: DevConsul, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    ctl = await _start(nursery, _config(tmp_path, dev_consul.http_port))
+    client = ctl.client()
+    pair = await _node_pair(ctl)
+    ident = keys.leaf_info(pair[0]).identity
+    assert ident is not None
+    assert await client.report_metrics(_empty_report(ident.uri, 0), *pair) is False
+    assert client._kept is None

@@ -126,7 +126,7 @@ async def serve_agent(
     agent = AgentState(cfg, store, Recorder())
     consul = ConsulClient(cfg.consul_addr, cfg.consul_token)
     controller = ControllerClient.from_files(
-        _controller_address(cfg, agent), cfg.ca_file, cfg.join_token_file
+        _controller_address(cfg, agent), cfg.ca_file, cfg.join_token_file, keep_reports=True
     )
     outbound, inbound, admin = Outbound(agent), Inbound(agent), Admin(agent)
     inherited = sdnotify.listen_fds()

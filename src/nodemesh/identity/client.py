@@ -1,7 +1,14 @@
 """The agent's client for the controller API: HTTPS with h11 over trio.SSLStream.
 
-One request per connection: the agent asks for a few certificates a day, so keep-alive would
-only add a stale-connection failure mode.  The controller's certificate must chain to the CA
+One request per connection for certificates: the agent asks for a few a day, so keep-alive
+would only add a stale-connection failure mode.  Metrics reports go every interval, though,
+and a full TLS handshake for each was a sixth of a 1,000-agent controller's CPU
+(docs/benchmarks.md), so ``report_metrics`` keeps its connection open for the next one, for
+at most ``KEEP_IDLE_S`` (the controller closes idle connections after 30 s).  A kept
+connection that fails before its answer began (the controller restarted, or closed it idle)
+is replaced by a fresh one at once: a report is safe to send twice, the controller
+de-duplicates by (agent, seq).  Only clients made with ``keep_reports`` keep one (the agent's;
+its reporter closes it when it stops).  The controller's certificate must chain to the CA
 file the operator installed and carry the DNS name ``nodemesh-controller``, whatever address
 it was reached at (an address from Consul may be a NAT-ed one).  Timeouts belong to the
 caller (``with trio.fail_after(...)``).
@@ -27,6 +34,7 @@ from nodemesh.identity import tls
 CONTROLLER_NAME = "nodemesh-controller"  # DNS SAN of the controller's cert and its Consul name
 MAX_RESPONSE = 256 * 1024  # a chain plus roots is a few KiB; anything bigger is not ours
 MAX_METRICS_RESPONSE = 16 * 1024 * 1024  # a query over every edge of a big fleet
+KEEP_IDLE_S = 20.0  # seconds a report's connection is kept for the next; the controller's is 30
 
 
 class ControllerUnavailable(IdentityError):
@@ -42,6 +50,21 @@ class ControllerRefused(IdentityError):
         self.message = message
 
 
+class _Stale(Exception):
+    """A kept connection failed before any of its answer arrived."""
+
+
+@dataclass(eq=False)
+class _Kept:
+    """An open connection whose last exchange ended cleanly, ready for the next."""
+
+    target: tuple[str, int]
+    pair: tuple[bytes, bytes]
+    stream: trio.SSLStream[trio.SocketStream]
+    conn: h11.Connection
+    idle_since: float
+
+
 @dataclass(frozen=True)
 class Signed:
     certificate: bytes  # leaf then intermediates, PEM
@@ -50,15 +73,32 @@ class Signed:
 
 
 class ControllerClient:
-    def __init__(self, address: Callable[[], str], ca_pem: bytes, join_token: str) -> None:
+    def __init__(
+        self,
+        address: Callable[[], str],
+        ca_pem: bytes,
+        join_token: str,
+        *,
+        keep_reports: bool = False,
+    ) -> None:
+        """``keep_reports``: keep a report's connection for the next (the agent's reporter,
+        which closes it with ``aclose`` when it stops); off, every call is one connection."""
         self._address = address
+        self._keep_reports = keep_reports
         self._join_token = join_token
         self._ca_pem = ca_pem
         self._plain = self._context(None)  # checks the CA file's PEM early, at construction
+        self._kept: _Kept | None = None  # the last report's connection (see the module doc)
+        self._pair_ctx: tuple[tuple[bytes, bytes], ssl.SSLContext] | None = None
 
     @classmethod
     def from_files(
-        cls, address: Callable[[], str], ca_file: Path, join_token_file: Path
+        cls,
+        address: Callable[[], str],
+        ca_file: Path,
+        join_token_file: Path,
+        *,
+        keep_reports: bool = False,
     ) -> ControllerClient:
         try:
             ca_pem = ca_file.read_bytes()
@@ -68,7 +108,8 @@ class ControllerClient:
                 "controller's ca.pem there (nodemesh ca show prints where it is)"
             ) from None
         try:
-            return cls(address, ca_pem, read_secret(join_token_file, "join token"))
+            token = read_secret(join_token_file, "join token")
+            return cls(address, ca_pem, token, keep_reports=keep_reports)
         except IdentityError as e:
             raise ConfigError(f"{ca_file}: {e}") from None
 
@@ -106,9 +147,20 @@ class ControllerClient:
         """Deliver one interval report (docs/observability.md); True if the controller had
         it already (a retry of a report whose answer was lost)."""
         doc = await self._call(
-            "POST", "/v1/metrics/report", report, [], client_pair=(node_chain_pem, node_key_pem)
+            "POST",
+            "/v1/metrics/report",
+            report,
+            [],
+            client_pair=(node_chain_pem, node_key_pem),
+            keep=self._keep_reports,
         )
         return doc.get("duplicate") is True
+
+    async def aclose(self) -> None:
+        """Close the kept connection, if any."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            await trio.aclose_forcefully(kept.stream)
 
     async def metrics(
         self,
@@ -140,9 +192,15 @@ class ControllerClient:
         *,
         client_pair: tuple[bytes, bytes] | None = None,
         limit: int = MAX_RESPONSE,
+        keep: bool = False,
     ) -> dict[str, Any]:
         body = json.dumps(doc).encode() if doc is not None else b""
-        status, raw = await self._exchange(method, path, body, headers or [], client_pair, limit)
+        if keep and client_pair is not None:
+            status, raw = await self._exchange_kept(method, path, body, headers or [], client_pair)
+        else:
+            status, raw = await self._exchange(
+                method, path, body, headers or [], client_pair, limit
+            )
         if status != 200:
             raise ControllerRefused(status, _error_text(raw))
         try:
@@ -198,6 +256,82 @@ class ControllerClient:
         finally:
             await trio.aclose_forcefully(stream)
 
+    async def _exchange_kept(
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        pair: tuple[bytes, bytes],
+    ) -> tuple[int, bytes]:
+        """``_exchange`` on the kept connection if it still fits, else on a new one kept
+        after; a kept one that went stale is replaced once (see the module doc)."""
+        target = self._target()
+        where = f"{target[0]}:{target[1]}"
+        kept, self._kept = self._kept, None  # in use: a concurrent call opens its own
+        if kept is not None and (
+            kept.target != target
+            or kept.pair != pair
+            or trio.current_time() - kept.idle_since > KEEP_IDLE_S
+        ):
+            await trio.aclose_forcefully(kept.stream)
+            kept = None
+        if kept is not None:
+            try:
+                return await self._use(kept, method, path, body, headers, where, reused=True)
+            except _Stale:
+                pass  # closed by the controller meanwhile: a fresh connection below
+        ctx = self._pair_context(pair)
+        try:
+            tcp = await trio.open_tcp_stream(*target)
+        except OSError as e:
+            raise ControllerUnavailable(
+                f"controller at {where} unreachable: {e.strerror or e}"
+            ) from None
+        stream = trio.SSLStream(tcp, ctx, server_hostname=CONTROLLER_NAME, https_compatible=True)
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE)
+        fresh = _Kept(target, pair, stream, conn, 0.0)
+        return await self._use(fresh, method, path, body, headers, where, reused=False)
+
+    async def _use(
+        self,
+        kept: _Kept,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        where: str,
+        *,
+        reused: bool,
+    ) -> tuple[int, bytes]:
+        """One exchange on ``kept``; it is kept again only if the exchange ended cleanly."""
+        done = False
+        try:
+            got = await _roundtrip(
+                kept.stream, method, path, body, headers, MAX_RESPONSE, kept.conn, reused
+            )
+            if kept.conn.our_state is h11.DONE and kept.conn.their_state is h11.DONE:
+                kept.conn.start_next_cycle()
+                kept.idle_since = trio.current_time()
+                done = True
+            return got
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            cause = e.__cause__ or e
+            raise ControllerUnavailable(f"controller at {where} failed: {cause}") from None
+        except h11.ProtocolError as e:
+            raise ControllerUnavailable(f"controller at {where} spoke bad HTTP: {e}") from None
+        finally:
+            if done and self._kept is None:
+                self._kept = kept
+            else:
+                await trio.aclose_forcefully(kept.stream)
+
+    def _pair_context(self, pair: tuple[bytes, bytes]) -> ssl.SSLContext:
+        """The TLS context for ``pair``, built once per certificate (a renewal makes anew)."""
+        if self._pair_ctx is None or self._pair_ctx[0] != pair:
+            self._pair_ctx = (pair, self._context(pair))
+        return self._pair_ctx[1]
+
 
 async def _roundtrip(
     stream: trio.SSLStream[trio.SocketStream],
@@ -206,8 +340,14 @@ async def _roundtrip(
     body: bytes,
     headers: list[tuple[str, str]],
     limit: int = MAX_RESPONSE,
+    conn: h11.Connection | None = None,
+    reused: bool = False,
 ) -> tuple[int, bytes]:
-    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE)
+    """One exchange.  Without ``conn`` a one-shot connection (``connection: close``); with
+    it, kept alive.  ``reused``: a failure before the answer began raises ``_Stale``."""
+    keep = conn is not None
+    if conn is None:
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE)
     req = h11.Request(
         method=method,
         target=path,
@@ -215,7 +355,7 @@ async def _roundtrip(
             ("host", CONTROLLER_NAME),
             ("content-type", "application/json"),
             ("content-length", str(len(body))),
-            ("connection", "close"),
+            *([] if keep else [("connection", "close")]),
             *headers,
         ],
     )
@@ -223,12 +363,23 @@ async def _roundtrip(
     if body:
         out += conn.send(h11.Data(data=body)) or b""
     out += conn.send(h11.EndOfMessage()) or b""
-    await stream.send_all(out)
     status = 0
+    try:
+        await stream.send_all(out)
+        event = conn.next_event()
+        while event is h11.NEED_DATA:
+            data = bytes(await stream.receive_some(65536))
+            conn.receive_data(data)
+            event = conn.next_event()
+        if isinstance(event, h11.ConnectionClosed):
+            raise h11.RemoteProtocolError("connection closed before the response began")
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError):
+        if reused:
+            raise _Stale() from None
+        raise
     chunks: list[bytes] = []
     size = 0
     while True:
-        event = conn.next_event()
         if event is h11.NEED_DATA:
             conn.receive_data(bytes(await stream.receive_some(65536)))
         elif isinstance(event, h11.Response):
@@ -242,6 +393,7 @@ async def _roundtrip(
             return status, b"".join(chunks)
         elif isinstance(event, h11.ConnectionClosed):
             raise h11.RemoteProtocolError("connection closed before the response ended")
+        event = conn.next_event()
 
 
 def _error_text(body: bytes) -> str:

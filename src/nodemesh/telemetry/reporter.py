@@ -523,5 +523,9 @@ async def serve_reporter(
             except ConfigError as e:
                 _log.error("metrics_last_cut_failed", error=str(e))
         saved.save(queue)
+        close = getattr(sender, "aclose", None)  # ControllerClient keeps a report connection
+        if close is not None:
+            with trio.CancelScope(shield=True):
+                await close()
         if stopper is not None:
             stopper._ended()
