@@ -4,6 +4,7 @@ tests the demo's own machinery; the meshed demo is exercised by the mesh's syste
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -32,6 +33,18 @@ def _prefix(out: str) -> str:
 
 def _left_behind(prefix: str) -> list[str]:
     return sorted(ns for ns in netns.list_netns() if ns.startswith(prefix + "-"))
+
+
+def _sweep(out: str) -> None:
+    """Delete the namespaces of the lab a killed demo printed, and what runs in them."""
+    m = re.search(r"creating \d+ hosts \((nm-[0-9a-f]{6})-\*\)", out)
+    if m is None:
+        return  # it was killed before it made any
+    for ns in _left_behind(m.group(1)):
+        for pid in netns.netns_pids(ns):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=10)
 
 
 def test_demo_runs_for_its_duration_and_cleans_up(lab_consul_binary: Path) -> None:
@@ -89,6 +102,7 @@ def test_demo_stops_cleanly_on_a_signal(lab_consul_binary: Path, sig: signal.Sig
         if p.poll() is None:
             p.kill()
             p.wait(timeout=10)
+            _sweep("".join(lines))  # killed: its lab never tore down
     out = "".join(lines) + rest
     assert p.returncode == 0, out
     assert SUMMARY.match(out.strip().splitlines()[-1]), out

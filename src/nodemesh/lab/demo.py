@@ -50,7 +50,7 @@ def demo_spec(hosts: int, servers: int, mesh: bool) -> LabSpec:
     return LabSpec(servers=servers, hosts=hosts, controller=mesh, agents=mesh, apps=tuple(apps))
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
     # The same path as Ctrl-C: unwind through the Lab's context manager, which tears down.
     raise KeyboardInterrupt
 
@@ -173,7 +173,10 @@ def demo(hosts: int, duration: float, rate: float, servers: int, mesh: bool, kee
     if os.geteuid() != 0:
         raise click.ClickException("the demo creates network namespaces: run it as root (sudo)")
     started = time.monotonic()
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_stop_signal)
+    # SIGINT too: a process started in the background of a script inherits SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt for it.
+    signal.signal(signal.SIGINT, _on_stop_signal)
     final: dict[str, Any] | None = None
     spec = demo_spec(hosts, servers, mesh)
     if keep:
