@@ -135,3 +135,46 @@ def test_build_from_a_kv_tree() -> None:
     assert any("'bad name' is not a service name" in r for r in rejected)
     assert build(None) == ({}, [])
     assert build({"x": 1})[1] == ["nodemesh/routes/: KV answer is not a list"]
+
+
+# --- hostile paths against risky patterns ----------------------------------------------------
+
+
+def test_a_backtracking_pattern_cannot_stall_on_a_crafted_path() -> None:
+    """``/(a+)+b`` against ``/aaa...a`` takes a backtracking engine 2^n steps (``re``: 0.5 s at
+    n = 24, doubling per character); RE2 answers in time linear in the path."""
+    import threading
+
+    t, why = table({"routes": [{"name": "evil", "path": "/(a+)+b"}, {"name": "ok", "path": "/x"}]})
+    assert why == []
+    got: list[str] = []
+    worker = threading.Thread(
+        target=lambda: got.extend(t.classify(b"GET", b"/" + b"a" * n) for n in (30, 100_000)),
+        daemon=True,  # under a backtracking engine it would never end: let the test fail
+    )
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "route matching did not finish on a crafted path"
+    assert got == [DEFAULT_ROUTE, DEFAULT_ROUTE]
+    assert t.classify(b"GET", b"/aaab") == "evil"
+
+
+def test_lookaround_and_backreferences_are_rejected_with_re2s_reason() -> None:
+    t, why = table(
+        {
+            "routes": [
+                {"name": "ahead", "path": "/(?=a)a"},
+                {"name": "back", "path": "/(a)\\1"},
+                {"name": "fine", "path": "/users/[^/]+"},
+            ]
+        }
+    )
+    assert [r.name for r in t.routes] == ["fine"]
+    assert len(why) == 2 and all("is not a regular expression RE2 accepts" in w for w in why)
+    assert "routes[0]" in why[0] and "routes[1]" in why[1]
+
+
+def test_a_path_that_is_not_utf8_is_the_default_route() -> None:
+    t, _ = table({"routes": [{"name": "any", "path": "/files/.*"}]})
+    assert t.classify(b"GET", b"/files/\xff\xfe") == DEFAULT_ROUTE
+    assert t.classify(b"GET", b"/files/readme") == "any"
