@@ -16,10 +16,11 @@ caller (``with trio.fail_after(...)``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,23 +237,13 @@ class ControllerClient:
         pair: tuple[bytes, bytes] | None,
         limit: int = MAX_RESPONSE,
     ) -> tuple[int, bytes]:
-        host, port = self._target()
-        where = f"{host}:{port}"
-        ctx = self._plain if pair is None else self._context(pair)
+        target = self._target()
+        where = f"{target[0]}:{target[1]}"
+        ctx = self._plain if pair is None else self._pair_context(pair)
+        stream = await _connect(target, ctx, where)
         try:
-            tcp = await trio.open_tcp_stream(host, port)
-        except OSError as e:
-            raise ControllerUnavailable(
-                f"controller at {where} unreachable: {e.strerror or e}"
-            ) from None
-        stream = trio.SSLStream(tcp, ctx, server_hostname=CONTROLLER_NAME, https_compatible=True)
-        try:
-            return await _roundtrip(stream, method, path, body, headers, limit)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            cause = e.__cause__ or e
-            raise ControllerUnavailable(f"controller at {where} failed: {cause}") from None
-        except h11.ProtocolError as e:
-            raise ControllerUnavailable(f"controller at {where} spoke bad HTTP: {e}") from None
+            with _failures(where):
+                return await _roundtrip(stream, method, path, body, headers, limit)
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -281,14 +272,7 @@ class ControllerClient:
                 return await self._use(kept, method, path, body, headers, where, reused=True)
             except _Stale:
                 pass  # closed by the controller meanwhile: a fresh connection below
-        ctx = self._pair_context(pair)
-        try:
-            tcp = await trio.open_tcp_stream(*target)
-        except OSError as e:
-            raise ControllerUnavailable(
-                f"controller at {where} unreachable: {e.strerror or e}"
-            ) from None
-        stream = trio.SSLStream(tcp, ctx, server_hostname=CONTROLLER_NAME, https_compatible=True)
+        stream = await _connect(target, self._pair_context(pair), where)
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE)
         fresh = _Kept(target, pair, stream, conn, 0.0)
         return await self._use(fresh, method, path, body, headers, where, reused=False)
@@ -307,19 +291,15 @@ class ControllerClient:
         """One exchange on ``kept``; it is kept again only if the exchange ended cleanly."""
         done = False
         try:
-            got = await _roundtrip(
-                kept.stream, method, path, body, headers, MAX_RESPONSE, kept.conn, reused
-            )
+            with _failures(where):
+                got = await _roundtrip(
+                    kept.stream, method, path, body, headers, MAX_RESPONSE, kept.conn, reused
+                )
             if kept.conn.our_state is h11.DONE and kept.conn.their_state is h11.DONE:
                 kept.conn.start_next_cycle()
                 kept.idle_since = trio.current_time()
                 done = True
             return got
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            cause = e.__cause__ or e
-            raise ControllerUnavailable(f"controller at {where} failed: {cause}") from None
-        except h11.ProtocolError as e:
-            raise ControllerUnavailable(f"controller at {where} spoke bad HTTP: {e}") from None
         finally:
             if done and self._kept is None:
                 self._kept = kept
@@ -331,6 +311,31 @@ class ControllerClient:
         if self._pair_ctx is None or self._pair_ctx[0] != pair:
             self._pair_ctx = (pair, self._context(pair))
         return self._pair_ctx[1]
+
+
+async def _connect(
+    target: tuple[str, int], ctx: ssl.SSLContext, where: str
+) -> trio.SSLStream[trio.SocketStream]:
+    """A TLS stream to the controller, not yet handshaken (the first send does it)."""
+    try:
+        tcp = await trio.open_tcp_stream(*target)
+    except OSError as e:
+        raise ControllerUnavailable(
+            f"controller at {where} unreachable: {e.strerror or e}"
+        ) from None
+    return trio.SSLStream(tcp, ctx, server_hostname=CONTROLLER_NAME, https_compatible=True)
+
+
+@contextlib.contextmanager
+def _failures(where: str) -> Iterator[None]:
+    """Transport and HTTP failures of an exchange as ``ControllerUnavailable``."""
+    try:
+        yield
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+        cause = e.__cause__ or e
+        raise ControllerUnavailable(f"controller at {where} failed: {cause}") from None
+    except h11.ProtocolError as e:
+        raise ControllerUnavailable(f"controller at {where} spoke bad HTTP: {e}") from None
 
 
 async def _roundtrip(
