@@ -9,14 +9,18 @@ receives the backlog, and the fleet's percentiles equal those of the agent's own
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import h11
 import pytest
 import trio
 
+from nodemesh.identity import client as client_module
 from nodemesh.identity import keys
 from nodemesh.identity.client import ControllerClient, ControllerRefused
+from nodemesh.identity.spiffe import SpiffeId
 from nodemesh.telemetry import reporter
 from nodemesh.telemetry.metrics import Recorder, new_histogram
 from nodemesh.telemetry.reporter import Backlog, serve_reporter
@@ -39,6 +43,12 @@ async def _node_pair(ctl: Running) -> tuple[bytes, bytes]:
     key, csr = _node_csr()
     signed = await ctl.client().sign_node(csr)
     return signed.certificate, key
+
+
+def _identity(pair: tuple[bytes, bytes]) -> SpiffeId:
+    ident = keys.leaf_info(pair[0]).identity
+    assert ident is not None
+    return ident
 
 
 async def _rows(
@@ -73,8 +83,7 @@ async def test_reports_survive_a_controller_outage_counted_once(
         address[0] = ctl.address
         client = ControllerClient(lambda: address[0], ctl.roots, TOKEN)
         pair = await _node_pair(ctl)
-        agent = keys.leaf_info(pair[0]).identity
-        assert agent is not None
+        agent = _identity(pair)
         rec = Recorder()
         backlog: Backlog = await nursery.start(
             serve_reporter, rec, client, agent.uri, lambda: pair, tmp_path / "agent", 1.0
@@ -137,8 +146,7 @@ async def test_report_endpoint_refusals_over_the_wire(
     ctl = await _start(nursery, _config(tmp_path, dev_consul.http_port))
     client = ctl.client()
     pair = await _node_pair(ctl)
-    agent = keys.leaf_info(pair[0]).identity
-    assert agent is not None
+    agent = _identity(pair)
     bad = {"agent": agent.uri, "seq": 0, "start": 1.0, "end": 2.0, "series": [{"labels": {}}]}
     with pytest.raises(ControllerRefused) as e:
         await client.report_metrics(bad, *pair)
@@ -169,8 +177,6 @@ async def test_report_endpoint_refusals_over_the_wire(
 
 
 def _empty_report(agent: str, seq: int) -> dict[str, object]:
-    import time
-
     end = time.time()
     return {"agent": agent, "seq": seq, "start": end - 10, "end": end, "series": [], "tcp": []}
 
@@ -192,18 +198,12 @@ async def _report_when_ready(
 async def test_the_agent_keeps_its_report_connection_and_replaces_a_stale_one(
     dev_consul: DevConsul, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dataclasses import replace
-
-    from nodemesh.identity import client as client_module
-
     cfg = _config(tmp_path, dev_consul.http_port)
     async with trio.open_nursery() as first_life:
         ctl = await _start(first_life, cfg)
         client = ControllerClient(lambda: ctl.address, ctl.roots, TOKEN, keep_reports=True)
         pair = await _node_pair(ctl)
-        ident = keys.leaf_info(pair[0]).identity
-        assert ident is not None
-        agent = ident.uri
+        agent = _identity(pair).uri
         assert await client.report_metrics(_empty_report(agent, 0), *pair) is False
         kept = client._kept
         assert kept is not None
@@ -234,7 +234,5 @@ async def test_a_client_without_keep_reports_holds_no_connection(
     ctl = await _start(nursery, _config(tmp_path, dev_consul.http_port))
     client = ctl.client()
     pair = await _node_pair(ctl)
-    ident = keys.leaf_info(pair[0]).identity
-    assert ident is not None
-    assert await client.report_metrics(_empty_report(ident.uri, 0), *pair) is False
+    assert await client.report_metrics(_empty_report(_identity(pair).uri, 0), *pair) is False
     assert client._kept is None
