@@ -34,6 +34,29 @@ class BadRequest(ProxyError):
     reason = "bad request"
 
 
+class HeadTooLarge(BadRequest):
+    status = 431
+    reason = "request head too large"
+
+
+class MethodNotAllowed(BadRequest):
+    status = 405
+    reason = "method not allowed"
+
+
+class NotImplementedHere(BadRequest):
+    """A framing h11 does not implement (a transfer coding other than chunked)."""
+
+    status = 501
+    reason = "not implemented"
+
+
+def malformed_request(detail: str, status_hint: int) -> BadRequest:
+    """The error for a request h11 could not parse, by h11's status hint."""
+    kind = {431: HeadTooLarge, 501: NotImplementedHere}.get(status_hint, BadRequest)
+    return kind(detail)
+
+
 class Forbidden(ProxyError):
     status = 403
     reason = "forbidden"

@@ -20,8 +20,8 @@ import trio
 import trio.testing
 
 from nodemesh.errors import NoEndpoints, ProxyError, UpstreamConnectError, UpstreamTimeout
-from nodemesh.protocol.http1 import DST_HEADER, ERROR_HEADER
-from nodemesh.proxy.http1 import MAX_HEADER_BYTES, IdleSet, forward, serve_http1
+from nodemesh.protocol.http1 import DST_HEADER, ERROR_HEADER, RequestHead
+from nodemesh.proxy.http1 import MAX_HEADER_BYTES, IdleSet, serve_http1
 from nodemesh.proxy.pool import Pool, Upstream
 from nodemesh.transport.edges import close_quietly
 
@@ -215,11 +215,8 @@ class Route:
         self.nursery.start_soon(self.app.serve, theirs)
         return Upstream(key, Resetting(ours) if self.resetting else ours)
 
-    async def forward(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> bool:
-        return await forward(ds, stream, req, self)
-
     async def open(
-        self, req: h11.Request, *, fresh: bool
+        self, req: h11.Request, head: RequestHead, *, fresh: bool
     ) -> tuple[Upstream, list[tuple[bytes, bytes]]]:
         self.opens.append(fresh)
         if self.open_error is not None:
@@ -982,7 +979,7 @@ async def test_connect_without_a_tunnel_gets_405(autojump_clock: Clock) -> None:
         await c.stream.send_all(b"CONNECT 198.18.0.2:443 HTTP/1.1\r\nhost: 198.18.0.2:443\r\n\r\n")
         raw = await c.raw_until_eof()
         assert raw.startswith(b"HTTP/1.1 405 ")
-        assert b"\r\nx-nodemesh-error: bad request\r\n" in raw
+        assert b"\r\nx-nodemesh-error: method not allowed\r\n" in raw
         await c.wait_served()
         assert m.route.opens == []
         assert m.app.connections == 0
@@ -1047,7 +1044,7 @@ class UpgradeRoute:
     def __init__(self) -> None:
         self.handed: list[tuple[bytes, bytes, bytes]] = []
 
-    async def forward(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> bool:
+    async def open(self, req: h11.Request, head: RequestHead, *, fresh: bool) -> object:
         raise AssertionError("an upgrade request must not be forwarded as a plain request")
 
     async def upgrade(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> None:

@@ -256,7 +256,15 @@ def test_unknown_server_name_is_refused_and_listener_survives(lab: Lab, tmp_path
     (tmp_path / "node.key").write_bytes(pem[:key_end])
     (tmp_path / "node.pem").write_bytes(pem[key_end:])
     ip = lab.host_ip("h2")
-    tls = ["-k", "--cert", str(tmp_path / "node.pem"), "--key", str(tmp_path / "node.key")]
+    # HTTP/1.1 over TLS, as an agent's pooled connection for an app's HTTP/1.1 calls speaks it.
+    tls = [
+        "-k",
+        "--http1.1",
+        "--cert",
+        str(tmp_path / "node.pem"),
+        "--key",
+        str(tmp_path / "node.key"),
+    ]
     name = "nosuch.svc.dc1.nodemesh.local"
     r = lab.curl("ctl", f"https://{name}:4143/", extra=[*tls, "--resolve", f"{name}:4143:{ip}"])
     assert r.status == 0, r

@@ -16,7 +16,7 @@ import trio
 
 from nodemesh import __version__
 from nodemesh.agent.state import AgentState
-from nodemesh.errors import BadRequest
+from nodemesh.errors import malformed_request
 from nodemesh.proxy.http1 import next_event, respond_error
 from nodemesh.telemetry import prometheus
 from nodemesh.transport.edges import downstream_errors
@@ -106,10 +106,9 @@ class Admin:
             ev: object = None
             with trio.move_on_after(IDLE_TIMEOUT):
                 try:
-                    ev = await next_event(conn, stream, downstream_errors)
+                    ev = await next_event(conn, stream)
                 except h11.RemoteProtocolError as e:
-                    err = BadRequest(f"malformed request: {e}")
-                    err.status = e.error_status_hint
+                    err = malformed_request(f"malformed request: {e}", e.error_status_hint)
                     await respond_error(conn, stream, err)
                     return
             if not isinstance(ev, h11.Request):
@@ -123,7 +122,7 @@ class Admin:
             else:
                 status, ctype, body = fn()
             while not isinstance(
-                await next_event(conn, stream, downstream_errors), h11.EndOfMessage
+                await next_event(conn, stream), h11.EndOfMessage
             ):
                 pass  # discard any request body
             headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]

@@ -195,6 +195,7 @@ async def serve_agent(
         )
         await root.start(outbound.mux.serve)
         await root.start(inbound.h2apps.serve)
+        root.start_soon(outbound.pool.serve_reaper)
         root.start_soon(inbound.pool.serve_reaper)
         try:
             with trio.CancelScope() as drain_scope:

@@ -67,7 +67,8 @@ class Held:
     key_pem: bytes
     info: LeafInfo
     server: ssl.SSLContext
-    client: ssl.SSLContext
+    client: ssl.SSLContext  # offers every ALPN protocol the store serves
+    client_http1: ssl.SSLContext  # offers only http/1.1: the pooled HTTP/1.1 connections
 
 
 class IdentityStore:
@@ -108,15 +109,16 @@ class IdentityStore:
             self._dispatch = ctx
         return self._dispatch
 
-    def client_context(self, source: SpiffeId | None) -> ssl.SSLContext:
-        """A client context presenting ``source``'s certificate (the node's if not held)."""
+    def client_context(self, source: SpiffeId | None, *, http1: bool = False) -> ssl.SSLContext:
+        """A client context presenting ``source``'s certificate (the node's if not held);
+        ``http1``: one that offers only ``http/1.1`` in ALPN."""
         held = self._held.get(source) if source is not None else None
         held = held or self._held.get(self.node_identity)
         if held is None:
             raise IdentityError(
                 f"no certificate for {self.node_identity} yet; the agent is not ready"
             )
-        return held.client
+        return held.client_http1 if http1 else held.client
 
     def ready(self) -> bool:
         node = self._held.get(self.node_identity)
@@ -197,7 +199,8 @@ class IdentityStore:
             raise IdentityError("no trust roots; install a certificate with its roots first")
         server = tls.server_context(chain, key, roots, alpn=self._alpn)
         client = tls.client_context(chain, key, roots, alpn=self._alpn)
-        return Held(identity, chain, key, info, server, client)
+        http1 = tls.client_context(chain, key, roots, alpn=("http/1.1",))
+        return Held(identity, chain, key, info, server, client, http1)
 
     def _set_roots(self, roots_pem: bytes) -> None:
         keys.load_certificates(roots_pem)  # refuse garbage before anything depends on it

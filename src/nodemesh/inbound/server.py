@@ -2,10 +2,12 @@
 
 Same anatomy as outbound.  Per connection: the TLS handshake (the client must present a
 certificate from the mesh CA; the server name selects which local service identity we prove),
-then HTTP/1.1 requests, each naming its target instance in ``x-nodemesh-dst``.  The target must be
-an instance of the selected service *on this node* (from the Consul snapshot): the agent is
-never an open relay.  The app receives the request with ``x-nodemesh-client-id`` set to the
-caller's verified SPIFFE ID.  ``CONNECT ip:port`` opens an opaque tunnel to such an instance.
+then, by ALPN, either HTTP/1.1 requests (``http/1.1``: what apps' HTTP/1.1 calls travel as,
+through the same forwarder as outbound, ``proxy/http1.py``) or HTTP/2 streams (``h2``: apps'
+HTTP/2 and gRPC calls, and ``CONNECT ip:port`` tunnels for everything else).  Each request names
+its target instance in ``x-nodemesh-dst``.  The target must be an instance of the selected
+service *on this node* (from the Consul snapshot): the agent is never an open relay.  The app
+receives the request with ``x-nodemesh-client-id`` set to the caller's verified SPIFFE ID.
 
 Failures: a handshake that fails (not TLS, no client certificate, unknown server name, wrong CA)
 closes that connection with a log event; 403 for a target that is not a local instance; 502/504
@@ -29,29 +31,29 @@ from nodemesh.errors import BadRequest, Forbidden, ProxyError
 from nodemesh.identity.spiffe import SpiffeId
 from nodemesh.identity.tls import peer_identity
 from nodemesh.outbound.mux import MeshPool
-from nodemesh.protocol.http1 import CLIENT_ID_HEADER, DST_HEADER, header
+from nodemesh.protocol.http1 import CLIENT_ID_HEADER, DST_HEADER, Headers, RequestHead, header
 from nodemesh.proxy.h2bridge import (
     PROTO_HEADER,
     answer_error,
     mesh_free,
     relay_streams,
-    serve_stream,
     splice_stream,
     split_pseudo,
 )
-from nodemesh.proxy.http1 import IdleSet, forward, respond_error, serve_http1
+from nodemesh.proxy.http1 import IdleSet, serve_http1
 from nodemesh.proxy.pool import Pool, Upstream
-from nodemesh.proxy.splice import splice
-from nodemesh.transport.edges import IO_ERRORS, close_quietly, downstream_errors, open_tcp
+from nodemesh.transport.edges import IO_ERRORS, Dialer, accept_tls, close_quietly, open_tcp
 from nodemesh.transport.h2conn import H2Conn, H2Stream
+from nodemesh.transport.streams import TLSIO, SocketIO
 
 _log = log.get("nodemesh.inbound")
 TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds; a peer that never finishes must not hold a slot
 
 
 class Inbound:
-    def __init__(self, agent: AgentState) -> None:
+    def __init__(self, agent: AgentState, *, dial: Dialer = open_tcp) -> None:
         self.agent = agent
+        self.dial = dial  # TCP in production; the component tests' mesh pair passes its own
         self.pool = Pool(
             self._connect,
             max_idle_per_key=agent.cfg.max_idle_per_peer,
@@ -67,30 +69,40 @@ class Inbound:
         return f"<Inbound {self.listen_addr} {self.pool!r}>"
 
     async def _connect(self, key: tuple[str, int]) -> Upstream:
-        stream = await open_tcp(key[0], key[1], self.agent.cfg.inbound_connect_timeout)
+        stream = await self.dial(key[0], key[1], self.agent.cfg.inbound_connect_timeout)
         return Upstream(key, stream)
 
     async def _connect_h2_app(self, key: Hashable) -> trio.abc.Stream:
         ip, port = cast(tuple[str, int], key)
-        return await open_tcp(ip, port, self.agent.cfg.inbound_connect_timeout)
+        return await self.dial(ip, port, self.agent.cfg.inbound_connect_timeout)
 
     async def handle(self, stream: trio.SocketStream) -> None:
+        """A connection the listener accepted: a peer agent's, TLS not yet begun."""
         peer = _peer(stream)
+        await self.serve_connection(SocketIO.adopt(stream), peer)
+
+    async def serve_connection(self, stream: trio.abc.Stream, peer: str) -> None:
+        """Serve one connection from a peer agent (``peer`` names it in the log); closes it."""
         try:
             ctx = self.agent.identities.server_context()
         except Exception as e:
             _log.warning("inbound_not_ready", peer=peer, error=str(e))
+            await close_quietly(stream)
             return
-        tls = trio.SSLStream(stream, ctx, server_side=True)
         try:
-            with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
-                await tls.do_handshake()
+            tls = await accept_tls(stream, ctx, TLS_HANDSHAKE_TIMEOUT)
         except trio.TooSlowError:
             _log.info("tls_handshake_failed", peer=peer, reason="timeout")
             return
         except IO_ERRORS as e:
             _log.info("tls_handshake_failed", peer=peer, reason=_reason(e))
             return
+        try:
+            await self._serve(tls, peer)
+        finally:
+            await close_quietly(tls)
+
+    async def _serve(self, tls: TLSIO, peer: str) -> None:
         client = peer_identity(tls)
         served = self._served(tls.context)
         if client is None or served is None or served.kind != "svc":
@@ -100,7 +112,6 @@ class Inbound:
                 client=str(client),
                 reason="no service identity selected" if client else "peer has no mesh identity",
             )
-            await close_quietly(tls)
             return
         route = InboundRoute(self, served.name, client)
         if tls.selected_alpn_protocol() == "h2":
@@ -110,14 +121,10 @@ class Inbound:
                 await conn.serve()
             finally:
                 self.h2conns.discard(conn)
-                await close_quietly(tls)
             return
-        try:
-            await serve_http1(
-                tls, route, idle_timeout=self.agent.cfg.inbound_idle_timeout, idle=self.idle
-            )
-        finally:
-            await close_quietly(tls)
+        await serve_http1(
+            tls, route, idle_timeout=self.agent.cfg.inbound_idle_timeout, idle=self.idle
+        )
 
     def drain(self) -> None:
         """Close each HTTP/2 connection from a peer once its in-flight streams are done."""
@@ -155,20 +162,14 @@ def _reason(e: BaseException) -> str:
 class InboundRoute:
     """Requests on one peer connection for one local service (``proxy.http1.Route``)."""
 
-    __slots__ = ("_client", "_in", "authority", "service")
+    __slots__ = ("_client", "_extra", "_in", "authority", "service")
 
     def __init__(self, inbound: Inbound, service: str, client: SpiffeId) -> None:
         self._in = inbound
         self.service = service
         self._client = client
         self.authority = service.encode()
-
-    async def forward(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> bool:
-        return await forward(ds, stream, req, self)
-
-    def target(self, req: h11.Request) -> tuple[str, int]:
-        raw = req.target if req.method == b"CONNECT" else header(req.headers, DST_HEADER)
-        return self.target_of(raw)
+        self._extra = [(CLIENT_ID_HEADER, client.uri.encode())]
 
     def target_of(self, raw: bytes | None) -> tuple[str, int]:
         """The local instance ``raw`` (ip:port) names, checked against the snapshot."""
@@ -185,16 +186,13 @@ class InboundRoute:
         return host, int(port)
 
     async def open(
-        self, req: h11.Request, *, fresh: bool
-    ) -> tuple[Upstream, list[tuple[bytes, bytes]]]:
-        up = await self._in.pool.acquire(self.target(req), fresh=fresh)
-        return up, [(CLIENT_ID_HEADER, self._client.uri.encode())]
+        self, req: h11.Request, head: RequestHead, *, fresh: bool
+    ) -> tuple[Upstream, Headers]:
+        up = await self._in.pool.acquire(self.target_of(head.dst), fresh=fresh)
+        return up, self._extra
 
     async def release(self, up: Upstream, *, failed: bool, rtt: float) -> None:
-        if failed:
-            await close_quietly(up.stream)
-        else:
-            await self._in.pool.release(up)
+        await self._in.pool.release(up)  # kept only if h11 says the exchange ended cleanly
 
     def record(self, req: h11.Request, status: int, elapsed: float) -> None:
         agent = self._in.agent
@@ -212,7 +210,12 @@ class InboundRoute:
         elif header(regular, PROTO_HEADER) == b"h2":
             await self.relay_h2_to_app(stream, head, pseudo, regular)
         else:
-            await serve_stream(stream, self, head)
+            # An agent from before HTTP/1.1 calls travelled as HTTP/1.1 between agents.
+            err = BadRequest(
+                "HTTP/1.1 calls between agents travel over ALPN http/1.1; upgrade the calling agent"
+            )
+            self.record_status(err.status, 0.0, pseudo)
+            await answer_error(stream, err)
 
     async def relay_h2_to_app(
         self,
@@ -235,12 +238,6 @@ class InboundRoute:
         status = await relay_streams(stream, app, request_open=not stream.head_ended)
         self.record_status(status, time.perf_counter() - start, pseudo)
 
-    async def open_app(
-        self, pseudo: dict[bytes, bytes], regular: list[tuple[bytes, bytes]]
-    ) -> tuple[Upstream, list[tuple[bytes, bytes]]]:
-        up = await self._in.pool.acquire(self.target_of(header(regular, DST_HEADER)))
-        return up, [(CLIENT_ID_HEADER, self._client.uri.encode())]
-
     def record_status(self, status: int, elapsed: float, pseudo: dict[bytes, bytes]) -> None:
         agent = self._in.agent
         route = classify(agent.routes, self.service, pseudo.get(b":method"), pseudo.get(b":path"))
@@ -252,29 +249,12 @@ class InboundRoute:
         with self._in.agent.recorder.connection("inbound", self.service, flip=True) as count:
             try:
                 ip, port = self.target_of(authority)
-                app = await open_tcp(ip, port, self._in.agent.cfg.inbound_connect_timeout)
+                app = await self._in.dial(ip, port, self._in.agent.cfg.inbound_connect_timeout)
             except ProxyError as e:
                 await answer_error(stream, e)
                 return
             try:
                 await stream.send_headers([(b":status", b"200")])
                 await splice_stream(app, stream, count)
-            finally:
-                await close_quietly(app)
-
-    async def tunnel(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> None:
-        """``CONNECT ip:port``: answer 200 once the app is connected, then splice bytes."""
-        with self._in.agent.recorder.connection("inbound", self.service) as count:
-            try:
-                ip, port = self.target(req)
-                app = await open_tcp(ip, port, self._in.agent.cfg.inbound_connect_timeout)
-            except ProxyError as e:
-                await respond_error(ds, stream, e)
-                return
-            try:
-                with downstream_errors():
-                    await stream.send_all(ds.send(h11.Response(status_code=200, headers=[])))
-                leftover, _closed = ds.trailing_data
-                await splice(stream, app, prefix=leftover, stats=count)
             finally:
                 await close_quietly(app)

@@ -30,27 +30,33 @@ from nodemesh import log
 from nodemesh.agent.state import AgentState
 from nodemesh.discovery.routes import classify
 from nodemesh.discovery.snapshot import Endpoint
-from nodemesh.errors import BadRequest, ProxyError, UpstreamConnectError, UpstreamProtocolError
+from nodemesh.errors import (
+    MethodNotAllowed,
+    ProxyError,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+)
 from nodemesh.identity import spiffe
 from nodemesh.identity.tls import peer_identity
 from nodemesh.outbound.mux import MeshPool
 from nodemesh.protocol.detect import MAX_PEEK, Protocol, detect
-from nodemesh.protocol.http1 import DST_HEADER
+from nodemesh.protocol.http1 import DST_HEADER, Headers, RequestHead
 from nodemesh.proxy.h2bridge import (
     PROTO_HEADER,
     answer_error,
-    forward_over_h2,
     mesh_free,
     relay_streams,
     splice_stream,
     split_pseudo,
 )
 from nodemesh.proxy.http1 import IdleSet, respond_error, serve_http1
+from nodemesh.proxy.pool import Pool, Upstream
 from nodemesh.proxy.splice import splice
 from nodemesh.telemetry.metrics import DEFAULT_ROUTE
-from nodemesh.transport.edges import close_quietly, open_tcp, open_tls
-from nodemesh.transport.h2conn import H2Conn, H2Stream, Headers
+from nodemesh.transport.edges import Dialer, close_quietly, open_tcp, open_tls
+from nodemesh.transport.h2conn import H2Conn, H2Stream
 from nodemesh.transport.original_dst import original_dst
+from nodemesh.transport.streams import TLSIO, SocketIO
 
 _log = log.get("nodemesh.outbound")
 TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds
@@ -58,16 +64,24 @@ CONNECT_ATTEMPTS = 3  # endpoints tried when connecting fails (nothing was sent 
 
 
 class Outbound:
-    def __init__(self, agent: AgentState) -> None:
+    def __init__(self, agent: AgentState, *, dial: Dialer = open_tcp) -> None:
         self.agent = agent
+        self.dial = dial  # TCP in production; the component tests' mesh pair passes its own
         cfg = agent.cfg
+        # HTTP/1.1 from apps: pooled keep-alive mTLS connections per (peer agent, service).
+        self.pool = Pool(
+            self._connect_http1,
+            max_idle_per_key=cfg.max_idle_per_peer,
+            idle_timeout=cfg.outbound_idle_timeout,
+        )
+        # HTTP/2 and gRPC from apps, and every tunnel: multiplexed HTTP/2 connections.
         self.mux = MeshPool(self._connect, idle_timeout=cfg.outbound_idle_timeout)
         self.h2apps: set[H2Conn] = set()  # apps' own HTTP/2 connections, for drains
         self.idle = IdleSet()  # the daemon shares one across servers for drains
         self.listen_addr = cfg.outbound_addr
 
     def __repr__(self) -> str:
-        return f"<Outbound {self.listen_addr} {self.mux!r}>"
+        return f"<Outbound {self.listen_addr} {self.pool!r} {self.mux!r}>"
 
     # -- mesh connections ---------------------------------------------------------------------
 
@@ -79,14 +93,20 @@ class Outbound:
             raise UpstreamConnectError(f"agent at {host}:{port} does not speak HTTP/2; upgrade it")
         return tls
 
-    async def open_mesh(
-        self, host: str, port: int, service: str
-    ) -> trio.SSLStream[trio.abc.Stream]:
+    async def _connect_http1(self, key: tuple[tuple[str, int], str]) -> Upstream:
+        (host, port), service = key
+        tls = await self.open_mesh(host, port, service, http1=True)
+        if tls.selected_alpn_protocol() != "http/1.1":
+            await close_quietly(tls)
+            raise UpstreamConnectError(f"agent at {host}:{port} refused http/1.1; upgrade it")
+        return Upstream(key, tls)
+
+    async def open_mesh(self, host: str, port: int, service: str, *, http1: bool = False) -> TLSIO:
         """An mTLS connection to the agent at host:port that proves it serves ``service``."""
         cfg = self.agent.cfg
         expected = self.agent.service_identity(service)
-        ctx = self.agent.identities.client_context(self.agent.source_identity())
-        tcp = await open_tcp(host, port, cfg.outbound_connect_timeout)
+        ctx = self.agent.identities.client_context(self.agent.source_identity(), http1=http1)
+        tcp = await self.dial(host, port, cfg.outbound_connect_timeout)
         tls = await open_tls(tcp, ctx, spiffe.server_name(expected), TLS_HANDSHAKE_TIMEOUT)
         got = peer_identity(tls)
         if got != expected:
@@ -99,11 +119,23 @@ class Outbound:
     # -- per connection -------------------------------------------------------------------------
 
     async def handle(self, stream: trio.SocketStream) -> None:
+        """A connection the listener accepted: an app's, redirected by iptables."""
+        io = SocketIO.adopt(stream)
+        try:
+            dst = original_dst(io.socket)
+            if dst == self.listen_addr:
+                _log.warning(
+                    "outbound_direct_connection_refused", reason="not redirected by iptables"
+                )
+                return
+            await self.serve_connection(io, dst)
+        finally:
+            io.close()
+
+    async def serve_connection(self, stream: trio.abc.Stream, dst: tuple[str, int]) -> None:
+        """Carry one app connection that was headed for ``dst`` (ip, port)."""
         agent = self.agent
-        ip, port = original_dst(stream.socket)
-        if (ip, port) == self.listen_addr:
-            _log.warning("outbound_direct_connection_refused", reason="not redirected by iptables")
-            return
+        ip, port = dst
         service = agent.snapshot.resolve(ip, port)
         if service is None:
             await self._egress(stream, ip, port)
@@ -131,7 +163,7 @@ class Outbound:
             await self.carry(stream, service, prefix)
 
     async def _serve_h2_app(
-        self, stream: trio.SocketStream, service: str, ip: str, port: int, prefix: bytes
+        self, stream: trio.abc.Stream, service: str, ip: str, port: int, prefix: bytes
     ) -> None:
         """An app speaking HTTP/2 (h2c, gRPC): each of its streams is balanced on its own."""
         conn = H2Conn(
@@ -154,14 +186,13 @@ class Outbound:
         route = OutboundRoute(self, service, ip, port)
         pseudo = split_pseudo(head)[0]
         if pseudo.get(b":method") == b"CONNECT":
-            err = BadRequest("CONNECT over HTTP/2 is not supported to a meshed service")
-            err.status = 405
+            err = MethodNotAllowed("CONNECT over HTTP/2 is not supported to a meshed service")
             route.record(None, err.status, time.perf_counter() - start, pseudo)
             await answer_error(app, err)
             return
         out = [*mesh_free(head), (PROTO_HEADER, b"h2")]
         try:
-            mesh = await route.open_stream(None, out, end=app.head_ended)
+            mesh = await route.open_stream(out, end=app.head_ended)
         except ProxyError as e:
             route.record(None, e.status, time.perf_counter() - start, pseudo)
             await answer_error(app, e)
@@ -171,7 +202,7 @@ class Outbound:
         route.done(failed=status == 0 or status >= 500, rtt=time.perf_counter() - sent)
         route.record(None, status, time.perf_counter() - start, pseudo)
 
-    async def _detect(self, stream: trio.SocketStream) -> tuple[Protocol, bytes]:
+    async def _detect(self, stream: trio.abc.Stream) -> tuple[Protocol, bytes]:
         buf = b""
         with trio.move_on_after(self.agent.cfg.detect_timeout):
             while len(buf) < MAX_PEEK:
@@ -184,11 +215,11 @@ class Outbound:
                     return proto, buf
         return Protocol.OPAQUE, buf  # timeout (server speaks first), EOF or long token
 
-    async def _egress(self, stream: trio.SocketStream, ip: str, port: int) -> None:
+    async def _egress(self, stream: trio.abc.Stream, ip: str, port: int) -> None:
         # One series for all egress: its destinations are unbounded.
         with self.agent.recorder.connection("egress", "egress") as count:
             try:
-                up = await open_tcp(ip, port, self.agent.cfg.outbound_connect_timeout)
+                up = await self.dial(ip, port, self.agent.cfg.outbound_connect_timeout)
             except ProxyError as e:
                 _log.debug("egress_connect_failed", dst=f"{ip}:{port}", error=e.detail)
                 return
@@ -256,7 +287,11 @@ class Outbound:
 
 
 class OutboundRoute:
-    """Requests on one app connection to one meshed service (``proxy.h2bridge.StreamRoute``)."""
+    """Requests on one app connection to one meshed service.
+
+    HTTP/1.1 (``proxy.http1.Route``): each request is balanced on its own and lent a pooled
+    HTTP/1.1 mTLS connection to the chosen endpoint's agent.  HTTP/2 (``open_stream``): each
+    stream goes on a multiplexed connection the same way."""
 
     __slots__ = ("_ep", "_host", "_out", "authority", "service")
 
@@ -267,10 +302,32 @@ class OutboundRoute:
         self._ep: Endpoint | None = None
         self._host = ""  # the node that served the last exchange, until it is recorded
 
-    async def forward(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> bool:
-        return await forward_over_h2(ds, stream, req, self)
+    async def open(
+        self, req: h11.Request, head: RequestHead, *, fresh: bool
+    ) -> tuple[Upstream, Headers]:
+        # A connection that could not be opened carried no request byte, so trying another
+        # endpoint is always safe (any method).  The failed one is penalised in the balancer.
+        out = self._out
+        balancer = out.agent.balancer(self.service)
+        for attempt in range(CONNECT_ATTEMPTS):
+            ep = balancer.pick()
+            start = time.perf_counter()
+            try:
+                up = await out.pool.acquire((ep.peer, self.service), fresh=fresh)
+            except ProxyError:
+                balancer.done(ep, time.perf_counter() - start, failed=True)
+                if attempt + 1 == CONNECT_ATTEMPTS or len(balancer.endpoints) < 2:
+                    raise
+                continue
+            self._ep = ep
+            return up, [(DST_HEADER, f"{ep.address}:{ep.port}".encode())]
+        raise AssertionError("unreachable")
 
-    async def open_stream(self, req: h11.Request | None, head: Headers, *, end: bool) -> H2Stream:
+    async def release(self, up: Upstream, *, failed: bool, rtt: float) -> None:
+        self.done(failed=failed, rtt=rtt)
+        await self._out.pool.release(up)  # kept only if h11 says the exchange ended cleanly
+
+    async def open_stream(self, head: Headers, *, end: bool) -> H2Stream:
         # A stream that could not be opened carried no request byte, so trying another
         # endpoint is always safe (any method).  The failed one is penalised in the balancer.
         balancer = self._out.agent.balancer(self.service)

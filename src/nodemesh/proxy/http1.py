@@ -1,14 +1,25 @@
-"""HTTP/1.1 forwarding with h11: one downstream server connection, pooled upstream connections.
+"""HTTP/1.1 forwarding with h11: the one forwarder, for both directions.
 
 Theory of operation
 -------------------
-``serve_http1`` reads requests from a downstream connection (an app, or a peer agent) with an h11
-server state machine.  For each request a ``Route`` (outbound or inbound: same anatomy) picks an
-upstream connection; ``forward`` sends the request head, then streams the request body upstream
-in one task while this task streams the response downstream, event by event, so no body is ever
-held whole.  Interim responses (``100 Continue``, ``103``) are relayed as they come, which is all
-``Expect: 100-continue`` needs.  h11 re-frames each hop (Content-Length or chunked, with trailers);
-hop-by-hop headers are dropped (``protocol/http1.py``).
+``serve_http1`` reads requests from a downstream connection with an h11 server state machine:
+an app's connection on the outbound side, a peer agent's mTLS connection on the inbound side.
+For each request a ``Route`` (outbound: a balanced endpoint's agent over pooled mTLS; inbound:
+the local app over pooled TCP; the same anatomy) lends an upstream connection, which speaks
+h11 as a client.  ``forward`` then moves one exchange:
+
+1. the request head, and as much of its body as has already arrived, go upstream in **one
+   write**; a request that is complete by then (every GET, most small POSTs) needs no other
+   task: the response is relayed by the same task;
+2. a body still arriving is sent by a second task while this one relays the response, so an
+   early answer (a 413, a 100 Continue) reaches the client without waiting for the body;
+3. the response is relayed event by event, and written downstream whenever h11 needs more
+   bytes from upstream, so a response that arrived in one read leaves in **one write**, and a
+   streamed one is never held back.
+
+No event is copied: h11's parsed ``Data`` and ``EndOfMessage`` are handed to the other side's
+state machine as they are, and heads that h11 already validated are rebuilt with ``_parsed``
+(h11's own shortcut for headers that came out of its parser) instead of being validated again.
 
 Failure rules (the rescue):
 * nothing sent downstream yet → answer with the error's status and an ``x-nodemesh-error``
@@ -16,10 +27,10 @@ Failure rules (the rescue):
 * a response already started → the downstream connection is cut: a truncated response must not
   look complete;
 * a *reused* upstream connection that closes before any response byte is retried once on a fresh
-  connection, only for an idempotent request without a body: nothing else may be replayed.
+  connection, only for an idempotent request without a body: nothing else may be replayed.  (An
+  app that closes idle keep-alives sooner than the pool forgets them is the usual cause.)
 A request with a body that is not fully read (early response, error) ends the downstream
-connection, as HTTP/1.1 requires.  Requests without a body skip the body task entirely: the fast
-path is one send and one event loop.
+connection, as HTTP/1.1 requires.
 """
 
 from __future__ import annotations
@@ -27,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager
 from functools import partial
 from typing import Protocol
 
@@ -37,34 +47,40 @@ import trio
 from nodemesh.errors import (
     BadRequest,
     DownstreamClosed,
+    MethodNotAllowed,
     NodemeshError,
     ProxyError,
     UpstreamClosed,
     UpstreamProtocolError,
+    malformed_request,
 )
-from nodemesh.protocol.http1 import ERROR_HEADER, IDEMPOTENT, forward_headers, header
+from nodemesh.protocol.http1 import (
+    ERROR_HEADER,
+    IDEMPOTENT,
+    MAX_HEAD_BYTES,
+    Headers,
+    RequestHead,
+    forward_headers,
+    read_request,
+)
 from nodemesh.proxy.pool import Upstream
-from nodemesh.transport.edges import downstream_errors, upstream_errors
+from nodemesh.transport.edges import IO_ERRORS, describe, downstream_errors
 
-MAX_HEADER_BYTES = 64 * 1024  # request/response head limit; h11 answers 431 beyond it
+MAX_HEADER_BYTES = MAX_HEAD_BYTES  # request/response head limit; h11 answers 431 beyond it
 READ_SIZE = 64 * 1024
 
 
-class ServerRoute(Protocol):
-    """What ``serve_http1`` needs: a way to forward each request (and maybe tunnels)."""
-
-    async def forward(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> bool:
-        """Proxy one request; True if the downstream connection may serve another."""
-
-
 class Route(Protocol):
-    """Where a downstream connection's requests go (outbound: a service; inbound: a local app)."""
+    """Where a downstream connection's requests go (outbound: a service; inbound: a local app).
+
+    A route may also have ``tunnel`` (for CONNECT) and ``upgrade`` (for ``Upgrade:`` requests),
+    ``async (ds, stream, req) -> None``: from then on the connection carries bytes."""
 
     authority: bytes  # Host to send when an HTTP/1.0 client sent none
 
     async def open(
-        self, req: h11.Request, *, fresh: bool
-    ) -> tuple[Upstream, list[tuple[bytes, bytes]]]:
+        self, req: h11.Request, head: RequestHead, *, fresh: bool
+    ) -> tuple[Upstream, Headers]:
         """An upstream connection and the extra headers to add; raises ProxyError."""
 
     async def release(self, up: Upstream, *, failed: bool, rtt: float) -> None:
@@ -74,18 +90,45 @@ class Route(Protocol):
         """Count one finished request (status 0: cut off after the response started)."""
 
 
+class Quickack(Protocol):
+    def quickack(self) -> None: ...
+
+
+def _quickack(stream: object) -> None:
+    if isinstance(stream, _ReadDeadline):
+        stream = stream.inner
+    fn = getattr(stream, "quickack", None)
+    if fn is not None:
+        fn()
+
+
 async def next_event(
-    conn: h11.Connection,
-    stream: trio.abc.ReceiveStream,
-    errors: Callable[[], AbstractContextManager[None]],
+    conn: h11.Connection, stream: trio.abc.ReceiveStream
 ) -> h11.Event | type[h11.PAUSED]:
+    """The next event from a downstream peer; its I/O errors as ``DownstreamClosed``."""
     while True:
         ev = conn.next_event()
         if ev is not h11.NEED_DATA:
             return ev  # type: ignore[return-value]
-        with errors():
+        try:
             data = await stream.receive_some(READ_SIZE)
+        except IO_ERRORS as e:
+            raise DownstreamClosed(describe(e)) from None
         conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes bytearray too
+
+
+async def _send_down(stream: trio.abc.SendStream, data: bytes) -> None:
+    try:
+        await stream.send_all(data)
+    except IO_ERRORS as e:
+        raise DownstreamClosed(describe(e)) from None
+
+
+async def _send_up(up: Upstream, data: bytes) -> None:
+    try:
+        await up.stream.send_all(data)
+    except IO_ERRORS as e:
+        raise UpstreamClosed(f"upstream connection failed: {describe(e)}") from None
 
 
 class IdleSet:
@@ -107,7 +150,7 @@ class IdleSet:
 
 async def serve_http1(
     stream: trio.abc.Stream,
-    route: ServerRoute,
+    route: Route,
     *,
     prefix: bytes = b"",
     idle_timeout: float,
@@ -119,63 +162,45 @@ async def serve_http1(
     if prefix:
         ds.receive_data(prefix)
     idle = idle or IdleSet()
+    body_stream = _ReadDeadline(stream, idle_timeout)
     try:
         while not idle.draining:
             ev: object = None
             with trio.move_on_after(idle_timeout) as scope:
                 idle.scopes.add(scope)
                 try:
-                    ev = await next_event(ds, stream, downstream_errors)
+                    ev = await next_event(ds, stream)
                 except h11.RemoteProtocolError as e:
-                    err = BadRequest(f"malformed HTTP/1.1 request: {e}")
-                    err.status = e.error_status_hint
-                    await respond_error(ds, stream, err)
+                    detail = f"malformed HTTP/1.1 request: {e}"
+                    await respond_error(ds, stream, malformed_request(detail, e.error_status_hint))
                     return
                 finally:
                     idle.scopes.discard(scope)
-            if not isinstance(ev, h11.Request):
+            if type(ev) is not h11.Request:
                 return  # idle timeout, ConnectionClosed
-            refused = refuse(ev)
-            if refused is not None:
-                if not await respond_error(ds, stream, refused):
+            head = read_request(ev.method, ev.target, ev.headers)
+            if head.refusal is not None:
+                if not await respond_error(ds, stream, head.refusal):
                     return
                 ds.start_next_cycle()
                 continue
-            if ev.method == b"CONNECT" or (
-                _wants_upgrade(ev) and getattr(route, "upgrade", None) is not None
-            ):
+            if ev.method == b"CONNECT" or (head.upgrade and hasattr(route, "upgrade")):
                 await _connect(ds, stream, ev, route)
                 return
-            if not await route.forward(ds, _ReadDeadline(stream, idle_timeout), ev):
+            if not await forward(ds, body_stream, ev, head, route):
                 return
             ds.start_next_cycle()
     except DownstreamClosed:
         return
 
 
-def refuse(req: h11.Request) -> BadRequest | None:
-    """The error for a request h11 accepts but a proxy must not forward, else None."""
-    size = len(req.method) + len(req.target) + 12 + sum(len(n) + len(v) + 4 for n, v in req.headers)
-    if size > MAX_HEADER_BYTES:
-        # h11 bounds only an *incomplete* head: one that completes in the read after the limit
-        # would otherwise pass at up to twice the size, and the app's refusal would look like
-        # the endpoint failing.
-        err = BadRequest(f"request head of {size} bytes is over the {MAX_HEADER_BYTES}-byte limit")
-        err.status = 431
-        return err
-    if header(req.headers, b"transfer-encoding") is not None and (
-        header(req.headers, b"content-length") is not None
-    ):
-        # RFC 9112 §6.1: the two framings may disagree on where this request ends; an app that
-        # trusts Content-Length would read a request the mesh never saw (request smuggling).
-        return BadRequest("request has both Transfer-Encoding and Content-Length; send one")
-    return None
-
-
 class _ReadDeadline(trio.abc.Stream):
-    """The downstream stream as ``forward`` sees it: a read that waits ``timeout`` without a byte
-    fails like a reset, so a client that stalls mid-body cannot hold its connection, an upstream
-    connection and the app's worker forever (slowloris).  Tunnels get the bare stream."""
+    """The downstream stream as a request body's reader sees it: a read that waits ``timeout``
+    without a byte fails like a reset, so a client that stalls mid-body cannot hold its
+    connection, an upstream connection and the app's worker forever (slowloris).  Tunnels get
+    the bare stream."""
+
+    __slots__ = ("inner", "timeout")
 
     def __init__(self, inner: trio.abc.Stream, timeout: float) -> None:
         self.inner = inner
@@ -196,43 +221,24 @@ class _ReadDeadline(trio.abc.Stream):
         await self.inner.aclose()
 
 
-def _wants_upgrade(req: h11.Request) -> bool:
-    """``Connection: upgrade`` + ``Upgrade`` (WebSocket and friends), without a body."""
-    conn = header(req.headers, b"connection")
-    return (
-        conn is not None
-        and b"upgrade" in (t.strip().lower() for t in conn.split(b","))
-        and header(req.headers, b"upgrade") is not None
-        and not _has_body(req)
-    )
-
-
 async def _connect(
-    ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request, route: ServerRoute
+    ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request, route: Route
 ) -> None:
     """A CONNECT or upgrade request: hand the connection to the route's tunnel, if it has one.
 
     After the request's end h11 pauses (it may switch protocols); what the client sent past the
     head is in ``ds.trailing_data`` for the tunnel to carry on."""
     try:
-        end = await next_event(ds, stream, downstream_errors)
+        end = await next_event(ds, stream)
     except h11.RemoteProtocolError:
         end = None
     tunnel = getattr(route, "upgrade" if req.method != b"CONNECT" else "tunnel", None)
     if not isinstance(end, h11.EndOfMessage) or tunnel is None:
-        err = BadRequest("CONNECT is not supported on this listener")
-        err.status = 405
-        await respond_error(ds, stream, err)
+        await respond_error(
+            ds, stream, MethodNotAllowed("CONNECT is not supported on this listener")
+        )
         return
     await tunnel(ds, stream, req)
-
-
-def _has_body(req: h11.Request) -> bool:
-    te = header(req.headers, b"transfer-encoding")
-    if te is not None:
-        return True
-    cl = header(req.headers, b"content-length")
-    return cl is not None and cl.strip() not in (b"0", b"")
 
 
 class _Exchange:
@@ -252,24 +258,23 @@ class _Retry(Exception):
 
 
 async def forward(
-    ds: h11.Connection, dstream: trio.abc.Stream, req: h11.Request, route: Route
+    ds: h11.Connection, dstream: trio.abc.Stream, req: h11.Request, head: RequestHead, route: Route
 ) -> bool:
     """Proxy one request.  Returns True if the downstream connection may serve another."""
     start = time.perf_counter()
-    has_body = _has_body(req)
     fresh = False
     while True:
         try:
-            up, extra = await route.open(req, fresh=fresh)
+            up, extra = await route.open(req, head, fresh=fresh)
         except ProxyError as e:
             route.record(req, e.status, time.perf_counter() - start)
-            if not has_body and ds.their_state is h11.SEND_BODY:
-                await next_event(ds, dstream, downstream_errors)  # the EndOfMessage: keep-alive
+            if not head.has_body and ds.their_state is h11.SEND_BODY:
+                await next_event(ds, dstream)  # the EndOfMessage: keep-alive
             return await respond_error(ds, dstream, e)
         sent = time.perf_counter()
         ex = _Exchange()
         try:
-            await _exchange(ds, dstream, up, req, extra, has_body, route.authority, ex)
+            await _exchange(ds, dstream, up, req, head, extra, route.authority, ex)
         except _Retry:
             await route.release(up, failed=True, rtt=time.perf_counter() - sent)
             fresh = True
@@ -295,43 +300,62 @@ async def forward(
         return ex.request_done and ds.our_state is h11.DONE and ds.their_state is h11.DONE
 
 
+def _body_at_hand(ds: h11.Connection, conn: h11.Connection, out: list[bytes]) -> bool:
+    """Re-frame for ``conn`` the request body events ``ds`` already holds, into ``out``.
+
+    True once the request has ended.  h11 raises ``RemoteProtocolError`` for a malformed body."""
+    while True:
+        ev = ds.next_event()
+        if ev is h11.NEED_DATA:
+            return False
+        if isinstance(ev, h11.Data):
+            out.append(conn.send(ev))
+        elif isinstance(ev, h11.EndOfMessage):
+            out.append(conn.send(ev))
+            return True
+        else:
+            raise BadRequest("request body ended unexpectedly")
+
+
 async def _exchange(
     ds: h11.Connection,
     dstream: trio.abc.Stream,
     up: Upstream,
     req: h11.Request,
-    extra: list[tuple[bytes, bytes]],
-    has_body: bool,
+    head: RequestHead,
+    extra: Headers,
     authority: bytes,
     ex: _Exchange,
 ) -> None:
-    headers = forward_headers(req.headers, extra)
-    if header(headers, b"host") is None:
+    headers = head.headers + extra
+    if not head.has_host:
         headers.append((b"host", authority))
+    conn = up.conn
     try:
-        head = up.conn.send(h11.Request(method=req.method, target=req.target, headers=headers))
+        # Validated by h11 on the way in (the route's own extras are checked where made).
+        out = [
+            conn.send(
+                h11.Request(method=req.method, target=req.target, headers=headers, _parsed=True)
+            )
+        ]
+        if ds.their_state is h11.DONE:  # a retry: the first attempt already read the request
+            out.append(conn.send(h11.EndOfMessage()))
+            ex.request_done = True
+        else:
+            ex.request_done = _body_at_hand(ds, conn, out)
     except h11.LocalProtocolError as e:
         raise BadRequest(f"request cannot be forwarded: {e}") from None
+    except h11.RemoteProtocolError as e:
+        raise BadRequest(f"malformed request body: {e}") from None
     try:
-        with upstream_errors():
-            await up.stream.send_all(head)
-        if not has_body:
-            if ds.their_state is not h11.DONE:  # a retry: the first attempt already read it
-                ev = await next_event(ds, dstream, downstream_errors)
-                if not isinstance(ev, h11.EndOfMessage):
-                    raise BadRequest("request body without framing")
-            ex.request_done = True
-            with upstream_errors():
-                await up.stream.send_all(up.conn.send(h11.EndOfMessage()))
+        await _send_up(up, b"".join(out))
+        if ex.request_done:
             await _relay_response(ds, dstream, up, ex)
             return
     except UpstreamClosed:
-        if up.reused and not ex.response_started and not has_body and req.method in IDEMPOTENT:
+        if up.reused and not ex.response_started and not head.has_body and req.method in IDEMPOTENT:
             raise _Retry() from None
         raise
-    except h11.RemoteProtocolError as e:
-        raise BadRequest(f"malformed request body: {e}") from None
-
     await pump_beside_relay(
         partial(_pump_body, ds, dstream, up, ex),
         partial(_relay_response, ds, dstream, up, ex),
@@ -350,13 +374,12 @@ async def pump_beside_relay(
     state: ErrorSlot,
     protocol_error: Callable[[str], NodemeshError],
 ) -> None:
-    """Send a request body (``pump``) while its response comes back (``relay``).
+    """Send the rest of a request body (``pump``) while its response comes back (``relay``).
 
     The pump records its own failure in ``state.error`` and cancels the scope it is handed; a
     relay failure lands there too (an h11 protocol error as ``protocol_error``).  When the
     response has finished (or failed), a body still being sent is abandoned.  Then the recorded
-    error, if any, is raised.  Every proxy direction (h11 to h11, h11 to h2, h2 to h11) runs its
-    exchange through here.
+    error, if any, is raised.
     """
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pump, nursery.cancel_scope)
@@ -376,18 +399,21 @@ async def _pump_body(
     ex: _Exchange,
     scope: trio.CancelScope,
 ) -> None:
+    conn = up.conn
     try:
         while True:
-            ev = await next_event(ds, dstream, downstream_errors)
-            if isinstance(ev, h11.Data):
-                out = up.conn.send(ev)
-            elif isinstance(ev, h11.EndOfMessage):
-                out = up.conn.send(h11.EndOfMessage(headers=ev.headers))
-                ex.request_done = True
-            else:
+            _quickack(dstream)  # the client may be waiting on our ACK to send the rest
+            try:
+                data = await dstream.receive_some(READ_SIZE)
+            except IO_ERRORS as e:
+                raise DownstreamClosed(describe(e)) from None
+            ds.receive_data(data)  # type: ignore[arg-type]  # h11 takes bytearray too
+            out: list[bytes] = []
+            ex.request_done = _body_at_hand(ds, conn, out)
+            if not ex.request_done and not data:
                 raise BadRequest("request body ended unexpectedly")
-            with upstream_errors():
-                await up.stream.send_all(out)
+            if out:
+                await _send_up(up, b"".join(out))
             if ex.request_done:
                 return
     except UpstreamClosed:
@@ -403,46 +429,61 @@ async def _pump_body(
 async def _relay_response(
     ds: h11.Connection, dstream: trio.abc.Stream, up: Upstream, ex: _Exchange
 ) -> None:
+    conn = up.conn
+    out: list[bytes] = []
+    received = False
     while True:
         try:
-            ev = await next_event(up.conn, up.stream, upstream_errors)
+            ev = conn.next_event()
         except h11.RemoteProtocolError as e:
-            if not ex.response_started and up.conn.trailing_data == (b"", True):
+            if not ex.response_started and conn.trailing_data == (b"", True):
                 raise UpstreamClosed("upstream closed the connection before responding") from None
             raise UpstreamProtocolError(f"upstream sent malformed HTTP: {e}") from None
-        if isinstance(ev, h11.Data):
-            out = ds.send(ev)
+        if ev is h11.NEED_DATA:
+            if out:
+                await _send_down(dstream, b"".join(out))
+                out = []
+            if received:
+                # Mid-message: an upstream writing in pieces with Nagle on waits for our ACK.
+                _quickack(up.stream)
+            try:
+                data = await up.stream.receive_some(READ_SIZE)
+            except IO_ERRORS as e:
+                raise UpstreamClosed(f"upstream connection failed: {describe(e)}") from None
+            conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes bytearray too
+            received = True
+        elif isinstance(ev, h11.Data):
+            out.append(ds.send(ev))
         elif isinstance(ev, h11.Response):
             ex.status = ev.status_code
-            out = ds.send(
-                h11.Response(
-                    status_code=ev.status_code,
-                    headers=forward_headers(ev.headers),
-                    reason=ev.reason,
+            hdrs = forward_headers(ev.headers)
+            out.append(
+                ds.send(
+                    h11.Response(
+                        status_code=ev.status_code, headers=hdrs, reason=ev.reason, _parsed=True
+                    )
                 )
             )
             ex.response_started = True
+        elif isinstance(ev, h11.EndOfMessage):
+            out.append(ds.send(ev))
+            await _send_down(dstream, b"".join(out))
+            return
         elif isinstance(ev, h11.InformationalResponse):
             if ev.status_code == 101:
                 raise UpstreamProtocolError(
                     "upstream switched protocols without an upgrade request"
                 )
-            out = ds.send(
-                h11.InformationalResponse(
-                    status_code=ev.status_code,
-                    headers=forward_headers(ev.headers),
-                    reason=ev.reason,
+            hdrs = forward_headers(ev.headers)
+            out.append(
+                ds.send(
+                    h11.InformationalResponse(
+                        status_code=ev.status_code, headers=hdrs, reason=ev.reason, _parsed=True
+                    )
                 )
             )
-        elif isinstance(ev, h11.EndOfMessage):
-            out = ds.send(h11.EndOfMessage(headers=ev.headers))
-            with downstream_errors():
-                await dstream.send_all(out)
-            return
         else:  # ConnectionClosed mid-response
             raise UpstreamClosed("upstream closed the connection before the response ended")
-        with downstream_errors():
-            await dstream.send_all(out)
 
 
 async def respond_error(ds: h11.Connection, dstream: trio.abc.Stream, err: ProxyError) -> bool:

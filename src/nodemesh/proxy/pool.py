@@ -4,8 +4,9 @@
 returns what to open or close; the async wrappers do the I/O.  Idle connections are reused
 most-recent-first (the warmest, least likely to have been closed by the peer) and evicted after
 ``idle_timeout``.  The peer's own idle timeout must be longer than ours (inbound 90 s vs outbound
-60 s by default) so a connection is rarely closed under us; when it is, the forwarder retries a
-safe request once on a fresh connection.
+60 s by default) so a connection is rarely closed under us.  One the peer closed while it sat
+idle is noticed at checkout (``Upstream.open``: a non-blocking peek) and never lent; one closed
+in the instant after, the forwarder retries once on a fresh connection if the request is safe.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ class Upstream:
             f"<Upstream {self.key} {self.conn.our_state}/{self.conn.their_state}"
             f"{' reused' if self.reused else ''}>"
         )
+
+    def open(self) -> bool:
+        """Whether the idle connection still looks usable: the peer has not closed it (a
+        non-blocking peek, where the stream offers one)."""
+        check = getattr(self.stream, "idle_and_open", None)
+        return check is None or bool(check())
 
     @property
     def reusable(self) -> bool:
@@ -78,7 +85,7 @@ class Pool:
         now = self._clock()
         while idle:
             up = idle.pop()
-            if now - up.last_used < self._idle_timeout:
+            if now - up.last_used < self._idle_timeout and up.open():
                 up.reused = True
                 return up, stale
             stale.append(up)

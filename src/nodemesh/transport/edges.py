@@ -8,7 +8,7 @@ from a peer: they become ``UpstreamConnectError`` / ``UpstreamClosed`` / ``Upstr
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 import trio
@@ -20,6 +20,7 @@ from nodemesh.errors import (
     UpstreamConnectError,
     UpstreamTimeout,
 )
+from nodemesh.transport.streams import TLSIO, SocketIO
 
 IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError)
 
@@ -29,7 +30,7 @@ def upstream_errors() -> Iterator[None]:
     try:
         yield
     except IO_ERRORS as e:
-        raise UpstreamClosed(f"upstream connection failed: {_describe(e)}") from None
+        raise UpstreamClosed(f"upstream connection failed: {describe(e)}") from None
 
 
 @contextmanager
@@ -37,10 +38,10 @@ def downstream_errors() -> Iterator[None]:
     try:
         yield
     except IO_ERRORS as e:
-        raise DownstreamClosed(_describe(e)) from None
+        raise DownstreamClosed(describe(e)) from None
 
 
-def _describe(e: BaseException) -> str:
+def describe(e: BaseException) -> str:
     if isinstance(e, ssl.SSLError):
         return f"TLS error: {e.reason or e}"
     cause = e.__cause__ or e.__context__
@@ -50,15 +51,18 @@ def _describe(e: BaseException) -> str:
 
 
 # The edges take their timeout so the boundary can name the peer in UpstreamTimeout.
-async def open_tcp(host: str, port: int, timeout: float) -> trio.SocketStream:  # noqa: ASYNC109
-    """A TCP connection (TCP_NODELAY is trio's default), or UpstreamConnectError/Timeout."""
+async def open_tcp(host: str, port: int, timeout: float) -> SocketIO:  # noqa: ASYNC109
+    """A TCP connection (TCP_NODELAY set), or UpstreamConnectError/Timeout."""
     try:
         with trio.fail_after(timeout):
-            return await trio.open_tcp_stream(host, port)
+            return SocketIO.adopt(await trio.open_tcp_stream(host, port))
     except trio.TooSlowError:
         raise UpstreamTimeout(f"connect to {host}:{port} timed out after {timeout:g}s") from None
     except OSError as e:
         raise UpstreamConnectError(f"connect to {host}:{port} failed: {e.strerror or e}") from None
+
+
+Dialer = Callable[[str, int, float], Awaitable[trio.abc.Stream]]  # open_tcp, or a test's
 
 
 async def open_tls(
@@ -66,19 +70,38 @@ async def open_tls(
     ctx: ssl.SSLContext,
     server_hostname: str,
     timeout: float,  # noqa: ASYNC109
-) -> trio.SSLStream[trio.abc.Stream]:
-    tls = trio.SSLStream(stream, ctx, server_hostname=server_hostname)
+) -> TLSIO:
+    """TLS as a client over ``stream``, handshake done; ``stream`` is closed on failure."""
+    tls = TLSIO(stream, ctx, server_hostname=server_hostname)
     try:
         with trio.fail_after(timeout):
             await tls.do_handshake()
     except trio.TooSlowError:
-        await trio.aclose_forcefully(tls)
+        await close_quietly(tls)
         raise UpstreamTimeout(f"TLS handshake with {server_hostname} timed out") from None
     except IO_ERRORS as e:
-        await trio.aclose_forcefully(tls)
+        await close_quietly(tls)
         raise UpstreamConnectError(
-            f"TLS handshake with {server_hostname} failed: {_describe(e)}"
+            f"TLS handshake with {server_hostname} failed: {describe(e)}"
         ) from None
+    return tls
+
+
+async def accept_tls(
+    stream: trio.abc.Stream,
+    ctx: ssl.SSLContext,
+    timeout: float,  # noqa: ASYNC109
+) -> TLSIO:
+    """TLS as a server over an accepted ``stream``.
+
+    Raises ``trio.TooSlowError`` or one of ``IO_ERRORS``; ``stream`` is closed then."""
+    tls = TLSIO(stream, ctx, server_side=True)
+    try:
+        with trio.fail_after(timeout):
+            await tls.do_handshake()
+    except BaseException:
+        await close_quietly(tls)
+        raise
     return tls
 
 

@@ -57,9 +57,7 @@ def original_dst(sock: trio.socket.SocketType | socket.socket) -> tuple[str, int
         except OSError:
             pass  # not redirected by ip6tables; an IPv4-mapped peer may still be, below
     try:
-        return parse_sockaddr_in(
-            sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_LEN)
-        )
+        return parse_sockaddr_in(sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_LEN))
     except OSError:
         pass  # no NAT entry: the peer dialled this socket's own address
     local = sock.getsockname()
