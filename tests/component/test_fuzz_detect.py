@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from nodemesh.outbound.server import Outbound
 from nodemesh.protocol.detect import MAX_PEEK, Protocol, detect
+from nodemesh.proxy.http1 import IdleSet
 
 HTTP1, OPAQUE, NEED_MORE = Protocol.HTTP1, Protocol.OPAQUE, Protocol.NEED_MORE
 T = TypeVar("T")
@@ -147,7 +148,7 @@ async def read_loop(
     nothing).  Returns the decision, the prefix handed on, the bytes left unread in the stream,
     and the virtual time the decision took."""
     client, agent_side = trio.testing.memory_stream_pair()
-    stand_in = SimpleNamespace(agent=SimpleNamespace(cfg=SimpleNamespace(detect_timeout=timeout)))
+    stand_in = SimpleNamespace(idle=IdleSet())
 
     async def send() -> None:
         for chunk in chunks:
@@ -160,7 +161,8 @@ async def read_loop(
         nursery.start_soon(send)
         start = trio.current_time()
         with trio.fail_after(timeout + 5):
-            proto, prefix = await Outbound._detect(stand_in, agent_side)  # type: ignore[arg-type]
+            proto, prefix = await Outbound._detect(stand_in, agent_side, timeout)  # type: ignore[arg-type]
+        assert proto is not None  # not draining
         elapsed = trio.current_time() - start
     rest = bytearray()
     await client.send_eof()  # if not sent yet: lets the drain below end

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from nodemesh.errors import NoEndpoints
+from nodemesh.protocol.detect import MAX_PEEK, Protocol, detect
 from nodemesh.protocol.http1 import ERROR_HEADER
 from nodemesh.proxy.http1 import MAX_HEADER_BYTES
 from tests.component.test_proxy_http1 import WAIT, Client, Exchange, mesh
@@ -50,9 +51,12 @@ def run(fn: Callable[[], Awaitable[T]]) -> T:
 
 
 async def echo_any(ex: Exchange) -> None:
-    """The app: 200 with the request body (HEAD gets the headers only)."""
+    """The app: 200 with the request body (HEAD gets the headers only, CONNECT a 405: the mesh
+    tunnels an app's CONNECT to the service, which decides)."""
     body = await ex.read_body()
-    if ex.request.method == b"HEAD":
+    if ex.request.method == b"CONNECT":
+        await ex.respond(405, b"", [(b"content-length", b"0")])
+    elif ex.request.method == b"HEAD":
         await ex.respond(200, b"", [(b"content-length", b"0")])
     else:
         await ex.respond(200, body)
@@ -63,10 +67,17 @@ async def echo_any(ex: Exchange) -> None:
 
 @dataclass
 class Verdict:
-    kind: str  # "empty", "bad_head", "bad_body" or "complete"
+    kind: str  # "empty", "bad_head", "bad_body" or "complete"; "opaque" (see ``detected``)
     status: int = 0  # h11's hint for a bad head
     request: h11.Request | None = None
     body: bytes = b""
+
+
+def detected(data: bytes) -> Protocol:
+    """What agent a's detection makes of ``data`` followed by EOF: it decides on the first
+    ``MAX_PEEK`` bytes, and an undecided prefix at EOF is opaque."""
+    proto = detect(data[:MAX_PEEK])
+    return Protocol.OPAQUE if proto is Protocol.NEED_MORE else proto
 
 
 def oracle(data: bytes) -> Verdict:
@@ -161,6 +172,18 @@ def check(data: bytes, out: Outcome) -> None:
     v = oracle(data)
     if v.kind == "empty":
         assert (out.raw, out.opens) == (b"", 0)
+        return
+    if data and detected(data) is not Protocol.HTTP1:
+        # Not HTTP/1 to the agent: carried as bytes to the app (an h11 server that answers
+        # only what it can parse, and hangs up on the rest); no HTTP route is involved.
+        assert out.opens == 0
+        if v.kind != "complete":
+            assert out.raw == b"", out.raw[:300]
+            return
+        assert first_response(out.raw, v.request.method if v.request else b"GET")[0] in (
+            200,
+            405,
+        )
         return
     if v.kind == "bad_head":
         status, headers, _ = first_response(out.raw)

@@ -1,10 +1,13 @@
-"""``serve_http1`` end to end over trio memory streams, against a verified fake upstream app.
+"""The HTTP/1.1 data path end to end over trio memory streams, against a verified fake app.
 
-Each test wires an h11 *client* (the app calling through the mesh) to ``serve_http1`` with a
-``memory_stream_pair``, and gives it a ``Route`` whose upstream connections are further memory
-streams served by ``App``: a small but real h11 *server* whose handler each test chooses.  The
-route pools upstreams with the real ``Pool``, as the inbound route does.  Every test runs on
-trio's autojump clock, so timeouts are instant and a hang shows up as a fast ``TooSlowError``.
+Each test wires an h11 *client* (the app calling through the mesh) to the production path of
+``tests/component/meshpair.py``: agent a's ``Outbound`` (its route, pool and balancer), real
+mTLS over a memory stream, agent b's ``Inbound`` and its route towards ``App``, a small but
+real h11 *server* whose handler each test chooses.  ``m.route`` is what agent b's route was
+asked (opens, releases, records), kept by the production route itself.  A few tests drive
+``serve_http1`` alone with a fake route (``hop``): the forwarder's contract with a route's
+tunnel.  Every test runs on trio's autojump clock, so timeouts are instant and a hang shows
+up as a fast ``TooSlowError``.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import trio
 import trio.testing
 
 from nodemesh.errors import NoEndpoints, ProxyError, UpstreamConnectError, UpstreamTimeout
-from nodemesh.protocol.http1 import DST_HEADER, ERROR_HEADER, RequestHead
+from nodemesh.protocol.http1 import CLIENT_ID_HEADER, DST_HEADER, ERROR_HEADER, RequestHead
 from nodemesh.proxy.http1 import MAX_HEADER_BYTES, IdleSet, serve_http1
 from nodemesh.proxy.pool import Pool, Upstream
 from nodemesh.transport.edges import close_quietly
+from tests.component.meshpair import NODE_A, MeshPair, Resetting
 
 Clock = trio.testing.MockClock
 DST = b"198.18.0.2:8080"
@@ -163,33 +167,13 @@ class App:
             self.changes.notify()
 
 
-class Resetting(trio.abc.Stream):
-    """A stream on which the peer's close arrives as a reset (ECONNRESET), not as EOF."""
-
-    def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner = inner
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self.inner.receive_some(max_bytes)
-        if not data:
-            raise trio.BrokenResourceError("connection reset by peer")
-        return data
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
 # --- the route: where serve_http1 sends requests ------------------------------------------------
 
 
 class Route:
-    """A test ``Route`` with the inbound route's anatomy: a real Pool of upstream connections."""
+    """A fake ``Route`` for ``hop``: a real Pool of upstream connections to ``App``."""
+
+    keep_headers: frozenset[bytes] = frozenset()
 
     authority = AUTHORITY
 
@@ -323,10 +307,12 @@ class Client:
 
 
 class Mesh:
-    def __init__(self, nursery: trio.Nursery, app: App, route: Route) -> None:
-        self.nursery = nursery
+    """The mesh pair serving ``app``; ``route`` is what agent b's route towards it was asked."""
+
+    def __init__(self, pair: MeshPair, app: App) -> None:
+        self.pair = pair
         self.app = app
-        self.route = route
+        self.route = pair.watch
 
     async def connect(
         self,
@@ -335,15 +321,44 @@ class Mesh:
         idle: IdleSet | None = None,
         resetting: bool = False,
     ) -> Client:
-        """A new downstream connection served by ``serve_http1``; the caller closes the stream
-        afterwards, as the real listeners do."""
+        """A new app connection to web through agent a; the caller closes the stream."""
+        served = trio.Event()
+        stream = self.pair.connect(
+            idle_timeout=idle_timeout,
+            idle=idle,
+            wrap=Resetting if resetting else None,  # type: ignore[arg-type]
+            served=served,
+        )
+        return Client(stream, served)
+
+
+@asynccontextmanager
+async def mesh(
+    handler: Handler = echo, *, resetting_upstreams: bool = False
+) -> AsyncIterator[Mesh]:
+    async with trio.open_nursery() as nursery:
+        app = App(handler)
+        pair = MeshPair(nursery, app.serve, resetting_app=resetting_upstreams)
+        await pair.start()
+        yield Mesh(pair, app)
+        nursery.cancel_scope.cancel()
+
+
+class Hop:
+    """``serve_http1`` alone, with a fake route."""
+
+    def __init__(self, nursery: trio.Nursery, app: App, route: Route) -> None:
+        self.nursery = nursery
+        self.app = app
+        self.route = route
+
+    async def connect(self, *, idle_timeout: float = 30.0) -> Client:
         client_side, proxy_side = trio.testing.memory_stream_pair()
         served = trio.Event()
-        down: trio.abc.Stream = Resetting(proxy_side) if resetting else proxy_side
 
         async def run() -> None:
             try:
-                await serve_http1(down, self.route, idle_timeout=idle_timeout, idle=idle)
+                await serve_http1(proxy_side, self.route, idle_timeout=idle_timeout)
             finally:
                 served.set()
                 await trio.aclose_forcefully(proxy_side)
@@ -353,12 +368,10 @@ class Mesh:
 
 
 @asynccontextmanager
-async def mesh(
-    handler: Handler = echo, *, resetting_upstreams: bool = False, route: type[Route] = Route
-) -> AsyncIterator[Mesh]:
+async def hop(route: type[Route] = Route) -> AsyncIterator[Hop]:
     async with trio.open_nursery() as nursery:
-        app = App(handler)
-        yield Mesh(nursery, app, route(app, nursery, resetting=resetting_upstreams))
+        app = App(echo)
+        yield Hop(nursery, app, route(app, nursery))
         nursery.cancel_scope.cancel()
 
 
@@ -378,8 +391,10 @@ async def test_get_keep_alive_reuses_one_upstream(autojump_clock: Clock) -> None
         assert [failed for _, failed in m.route.released] == [False, False, False]
         assert m.route.recorded == [(b"GET", 200)] * 3
         assert m.route.pool.opened == 1
+        assert m.pair.agent_links == 1  # one pooled mTLS connection between the agents
         ex = m.app.exchanges[0]
-        assert ex.headers(DST_HEADER) == [DST]
+        assert ex.headers(DST_HEADER) == []  # the mesh's own: for agent b, not for the app
+        assert ex.headers(CLIENT_ID_HEADER) == [NODE_A.uri.encode()]
         assert ex.header(b"host") == b"web"
         assert not c.served.is_set()
 
@@ -554,9 +569,10 @@ async def test_hop_by_hop_and_mesh_headers_are_removed_both_ways(autojump_clock:
                 (b"x-app", b"kept"),
             ]
         )
-        names = {n for n, _ in m.app.exchanges[0].request.headers}
-        assert names == {b"host", b"x-app", DST_HEADER}
-        assert m.app.exchanges[0].headers(DST_HEADER) == [DST]  # the route's, not the forged one
+        ex = m.app.exchanges[0]
+        assert {n for n, _ in ex.request.headers} == {b"host", b"x-app", CLIENT_ID_HEADER}
+        # The caller's verified identity, not the forged one; the forged target went nowhere.
+        assert ex.headers(CLIENT_ID_HEADER) == [NODE_A.uri.encode()]
         assert {n for n, _ in r.headers} == {b"content-length", b"x-app"}
         assert r.body == b"ok"
 
@@ -569,7 +585,7 @@ async def test_http10_client_without_host_gets_the_route_authority(autojump_cloc
         assert raw.startswith(b"HTTP/1.1 200 ")
         assert raw.endswith(b"\r\n\r\nGET /old")
         ex = m.app.exchanges[0]
-        assert ex.header(b"host") == AUTHORITY
+        assert ex.header(b"host") == b"198.18.0.2:8080"  # the address the client dialled
         assert ex.request.http_version == b"1.1"
         await c.wait_served()
 
@@ -734,7 +750,9 @@ async def test_upstream_closing_mid_response_cuts_the_downstream(
         assert [failed for _, failed in m.route.released] == [True]
 
 
-async def test_upstream_5xx_is_relayed_and_its_connection_not_reused(autojump_clock: Clock) -> None:
+async def test_upstream_5xx_is_relayed_and_counted_failed_on_a_kept_connection(
+    autojump_clock: Clock,
+) -> None:
     async def sick(ex: Exchange) -> None:
         await ex.read_body()
         await ex.respond(503 if ex.request.target == b"/sick" else 200, b"app says")
@@ -746,7 +764,8 @@ async def test_upstream_5xx_is_relayed_and_its_connection_not_reused(autojump_cl
         assert (await c.request(target=b"/ok")).status == 200
         await m.route.settled(2)
         assert [failed for _, failed in m.route.released] == [True, False]
-        assert m.app.connections == 2
+        # A complete 5xx is a failure for the balancer, not a broken connection: kept alive.
+        assert m.app.connections == 1
         assert m.route.recorded == [(b"GET", 503), (b"GET", 200)]
 
 
@@ -866,9 +885,12 @@ async def test_client_closing_mid_request_releases_the_upstream_as_failed(
         await c.stream.aclose()
         await c.wait_served()  # no exception escaped serve_http1 (the nursery would re-raise it)
         await m.route.settled(1)
-        assert [failed for _, failed in m.route.released] == [True]
-        assert m.route.recorded == [(b"POST", 400)]  # a truncated body is the client's error
-        await m.app.changes.until(lambda: m.app.ended == 1)  # upstream closed, not pooled
+        # Agent a cut its link mid-request (a truncated body is the client's error, a 400 it
+        # cannot read); agent b saw its caller go away: the app is not to blame, and its
+        # half-fed connection is closed, never pooled.
+        assert [failed for _, failed in m.route.released] == [False]
+        assert m.route.recorded == [(b"POST", 0)]
+        await m.app.changes.until(lambda: m.app.ended == 1)
         assert not m.app.exchanges[0].complete
 
 
@@ -912,7 +934,10 @@ async def test_client_reset_while_waiting_for_the_response(autojump_clock: Clock
         release.set()
         await c.wait_served()
         await m.route.settled(1)
-        assert m.route.recorded == [(b"GET", 0)]
+        # Agent a could not deliver the response: cut off (status 0, class "error").  Agent b
+        # may have delivered it to agent a first, or seen the link close: either is true.
+        assert m.pair.statuses("outbound") == {"error": 1}
+        assert m.route.recorded in ([(b"GET", 200)], [(b"GET", 0)])
 
 
 # --- idle, drain, CONNECT -----------------------------------------------------------------------
@@ -974,7 +999,7 @@ async def test_a_connection_opened_while_draining_is_not_served(autojump_clock: 
 
 
 async def test_connect_without_a_tunnel_gets_405(autojump_clock: Clock) -> None:
-    async with mesh() as m:
+    async with hop() as m:
         c = await m.connect()
         await c.stream.send_all(b"CONNECT 198.18.0.2:443 HTTP/1.1\r\nhost: 198.18.0.2:443\r\n\r\n")
         raw = await c.raw_until_eof()
@@ -999,7 +1024,7 @@ class TunnelRoute(Route):
 
 
 async def test_connect_is_handed_to_the_route_tunnel(autojump_clock: Clock) -> None:
-    async with mesh(route=TunnelRoute) as m:
+    async with hop(route=TunnelRoute) as m:
         assert isinstance(m.route, TunnelRoute)
         c = await m.connect()
         await c.stream.send_all(b"CONNECT 198.18.0.2:443 HTTP/1.1\r\nhost: 198.18.0.2:443\r\n\r\n")

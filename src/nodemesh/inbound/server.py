@@ -113,7 +113,7 @@ class Inbound:
                 reason="no service identity selected" if client else "peer has no mesh identity",
             )
             return
-        route = InboundRoute(self, served.name, client)
+        route = self.route(served.name, client)
         if tls.selected_alpn_protocol() == "h2":
             conn = H2Conn(tls, client=False, name=peer, on_stream=route.serve_h2_stream)
             self.h2conns.add(conn)
@@ -125,6 +125,10 @@ class Inbound:
         await serve_http1(
             tls, route, idle_timeout=self.agent.cfg.inbound_idle_timeout, idle=self.idle
         )
+
+    def route(self, service: str, client: SpiffeId) -> InboundRoute:
+        """The route for one peer connection (the component tests' mesh pair watches it)."""
+        return InboundRoute(self, service, client)
 
     def drain(self) -> None:
         """Close each HTTP/2 connection from a peer once its in-flight streams are done."""
@@ -163,6 +167,7 @@ class InboundRoute:
     """Requests on one peer connection for one local service (``proxy.http1.Route``)."""
 
     __slots__ = ("_client", "_extra", "_in", "authority", "service")
+    keep_headers: frozenset[bytes] = frozenset()  # an app may set no x-nodemesh-* header
 
     def __init__(self, inbound: Inbound, service: str, client: SpiffeId) -> None:
         self._in = inbound

@@ -40,7 +40,7 @@ from nodemesh.identity import spiffe
 from nodemesh.identity.tls import peer_identity
 from nodemesh.outbound.mux import MeshPool
 from nodemesh.protocol.detect import MAX_PEEK, Protocol, detect
-from nodemesh.protocol.http1 import DST_HEADER, Headers, RequestHead
+from nodemesh.protocol.http1 import DST_HEADER, ERROR_HEADER, Headers, RequestHead
 from nodemesh.proxy.h2bridge import (
     PROTO_HEADER,
     answer_error,
@@ -133,8 +133,10 @@ class Outbound:
             io.close()
 
     async def serve_connection(self, stream: trio.abc.Stream, dst: tuple[str, int]) -> None:
-        """Carry one app connection that was headed for ``dst`` (ip, port)."""
+        """Carry one app connection that was headed for ``dst`` (ip, port).  The config in force
+        when it began governs it to the end (a reload applies to new connections)."""
         agent = self.agent
+        cfg = agent.cfg
         ip, port = dst
         service = agent.snapshot.resolve(ip, port)
         if service is None:
@@ -144,10 +146,13 @@ class Outbound:
         declared = agent.snapshot.protocols.get(service)
         if declared in ("http2", "grpc"):
             proto = Protocol.HTTP2  # declared: no peeking (h2 still checks the preface)
-        elif declared == "tcp" or (declared is None and port in agent.cfg.opaque_ports):
+        elif declared == "tcp" or (declared is None and port in cfg.opaque_ports):
             proto = Protocol.OPAQUE
         else:  # undeclared, or "http" (which overrides the opaque-port list): peek
-            proto, prefix = await self._detect(stream)
+            detected, prefix = await self._detect(stream, cfg.detect_timeout)
+            if detected is None:
+                return
+            proto = detected
         if proto is Protocol.HTTP2:
             await self._serve_h2_app(stream, service, ip, port, prefix)
         elif proto is Protocol.HTTP1:
@@ -156,7 +161,7 @@ class Outbound:
                 stream,
                 route,
                 prefix=prefix,
-                idle_timeout=agent.cfg.outbound_idle_timeout,
+                idle_timeout=cfg.outbound_idle_timeout,
                 idle=self.idle,
             )
         else:
@@ -202,17 +207,30 @@ class Outbound:
         route.done(failed=status == 0 or status >= 500, rtt=time.perf_counter() - sent)
         route.record(None, status, time.perf_counter() - start, pseudo)
 
-    async def _detect(self, stream: trio.abc.Stream) -> tuple[Protocol, bytes]:
+    async def _detect(
+        self,
+        stream: trio.abc.Stream,
+        timeout: float,  # noqa: ASYNC109
+    ) -> tuple[Protocol | None, bytes]:
+        """The protocol from the first bytes; None if a drain began before the app spoke."""
         buf = b""
-        with trio.move_on_after(self.agent.cfg.detect_timeout):
-            while len(buf) < MAX_PEEK:
-                data = await stream.receive_some(MAX_PEEK)
-                if not data:
-                    break
-                buf += data
-                proto = detect(buf)
-                if proto is not Protocol.NEED_MORE:
-                    return proto, buf
+        if self.idle.draining:
+            return None, buf
+        with trio.move_on_after(timeout) as scope:
+            self.idle.scopes.add(scope)  # a connection that never spoke is idle: drains end it
+            try:
+                while len(buf) < MAX_PEEK:
+                    data = await stream.receive_some(MAX_PEEK)
+                    if not data:
+                        break
+                    buf += data
+                    proto = detect(buf)
+                    if proto is not Protocol.NEED_MORE:
+                        return proto, buf
+            finally:
+                self.idle.scopes.discard(scope)
+        if self.idle.draining and not buf:
+            return None, buf
         return Protocol.OPAQUE, buf  # timeout (server speaks first), EOF or long token
 
     async def _egress(self, stream: trio.abc.Stream, ip: str, port: int) -> None:
@@ -294,6 +312,8 @@ class OutboundRoute:
     stream goes on a multiplexed connection the same way."""
 
     __slots__ = ("_ep", "_host", "_out", "authority", "service")
+    # The peer agent's own error header says why it answered an error: the app may see it.
+    keep_headers = frozenset({ERROR_HEADER})
 
     def __init__(self, out: Outbound, service: str, ip: str, port: int) -> None:
         self._out = out

@@ -47,9 +47,12 @@ def _named(value: bytes, named: set[bytes] | None) -> set[bytes]:
 
 
 def forward_headers(
-    headers: Iterable[tuple[bytes, bytes]], extra: Sequence[tuple[bytes, bytes]] = ()
+    headers: Iterable[tuple[bytes, bytes]],
+    extra: Sequence[tuple[bytes, bytes]] = (),
+    keep: frozenset[bytes] = frozenset(),
 ) -> Headers:
-    """The headers to send on the next hop: hop-by-hop and mesh headers removed, ``extra`` added.
+    """The headers to send on the next hop: hop-by-hop and mesh headers removed (but the mesh
+    headers in ``keep``, which the sender is trusted with), ``extra`` added.
 
     h11 hands us lower-cased names, so no case folding is needed here.  One pass; a second
     only when a ``Connection`` header names further headers to drop.
@@ -60,7 +63,7 @@ def forward_headers(
         if name in HOP_BY_HOP:
             if name == b"connection":
                 named = _named(value, named)
-        elif not name.startswith(MESH_PREFIX):
+        elif not name.startswith(MESH_PREFIX) or name in keep:
             out.append((name, value))
     if named:
         named -= FRAMING

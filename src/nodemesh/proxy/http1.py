@@ -77,6 +77,7 @@ class Route(Protocol):
     ``async (ds, stream, req) -> None``: from then on the connection carries bytes."""
 
     authority: bytes  # Host to send when an HTTP/1.0 client sent none
+    keep_headers: frozenset[bytes]  # x-nodemesh-* response headers the upstream may set
 
     async def open(
         self, req: h11.Request, head: RequestHead, *, fresh: bool
@@ -274,7 +275,7 @@ async def forward(
         sent = time.perf_counter()
         ex = _Exchange()
         try:
-            await _exchange(ds, dstream, up, req, head, extra, route.authority, ex)
+            await _exchange(ds, dstream, up, req, head, extra, route, ex)
         except _Retry:
             await route.release(up, failed=True, rtt=time.perf_counter() - sent)
             fresh = True
@@ -324,12 +325,12 @@ async def _exchange(
     req: h11.Request,
     head: RequestHead,
     extra: Headers,
-    authority: bytes,
+    route: Route,
     ex: _Exchange,
 ) -> None:
     headers = head.headers + extra
     if not head.has_host:
-        headers.append((b"host", authority))
+        headers.append((b"host", route.authority))
     conn = up.conn
     try:
         # Validated by h11 on the way in (the route's own extras are checked where made).
@@ -350,7 +351,7 @@ async def _exchange(
     try:
         await _send_up(up, b"".join(out))
         if ex.request_done:
-            await _relay_response(ds, dstream, up, ex)
+            await _relay_response(ds, dstream, up, ex, route.keep_headers)
             return
     except UpstreamClosed:
         if up.reused and not ex.response_started and not head.has_body and req.method in IDEMPOTENT:
@@ -358,7 +359,7 @@ async def _exchange(
         raise
     await pump_beside_relay(
         partial(_pump_body, ds, dstream, up, ex),
-        partial(_relay_response, ds, dstream, up, ex),
+        partial(_relay_response, ds, dstream, up, ex, route.keep_headers),
         ex,
         UpstreamProtocolError,
     )
@@ -427,7 +428,11 @@ async def _pump_body(
 
 
 async def _relay_response(
-    ds: h11.Connection, dstream: trio.abc.Stream, up: Upstream, ex: _Exchange
+    ds: h11.Connection,
+    dstream: trio.abc.Stream,
+    up: Upstream,
+    ex: _Exchange,
+    keep: frozenset[bytes],
 ) -> None:
     conn = up.conn
     out: list[bytes] = []
@@ -456,7 +461,7 @@ async def _relay_response(
             out.append(ds.send(ev))
         elif isinstance(ev, h11.Response):
             ex.status = ev.status_code
-            hdrs = forward_headers(ev.headers)
+            hdrs = forward_headers(ev.headers, keep=keep)
             out.append(
                 ds.send(
                     h11.Response(
