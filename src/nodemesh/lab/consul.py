@@ -17,7 +17,7 @@ import contextlib
 import json
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,9 +45,18 @@ def find_binary(repo: Path) -> Path:
 
 
 def agent_config(
-    host: Host, servers: Sequence[Host], data_dir: Path, server: bool
+    host: Host,
+    servers: Sequence[Host],
+    data_dir: Path,
+    server: bool,
+    overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON config of one lab Consul agent (pure: unit-testable)."""
+    """The JSON config of one lab Consul agent (pure: unit-testable).
+
+    ``overrides`` (``LabSpec.consul_config``) is merged over it key by key, nested objects
+    too: ``{"connect": {"enabled": True}}`` adds Connect, ``{"ports": {"http": 18500}}`` moves
+    one port and keeps the lab's ``grpc = -1``.
+    """
     cfg: dict[str, Any] = {
         "node_name": host.name,
         "datacenter": DATACENTER,
@@ -76,7 +85,20 @@ def agent_config(
     if server:
         cfg["bootstrap_expect"] = len(servers)
         cfg["ui"] = False
-    return cfg
+    return merge_config(cfg, overrides or {})
+
+
+def merge_config(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` on top; objects present in both are merged recursively,
+    anything else (a list, a string, an object replacing a scalar) replaces (pure)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        old = out.get(key)
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            out[key] = merge_config(old, value)
+        else:
+            out[key] = value
+    return out
 
 
 @dataclass
@@ -106,13 +128,19 @@ class ConsulCluster:
     """N servers and clients; ``start`` returns once there is a leader and every member is alive."""
 
     def __init__(
-        self, binary: Path, workdir: Path, servers: Sequence[Host], clients: Sequence[Host]
+        self,
+        binary: Path,
+        workdir: Path,
+        servers: Sequence[Host],
+        clients: Sequence[Host],
+        overrides: Mapping[str, Any] | None = None,
     ) -> None:
         if not servers:
             raise LabError("a Consul cluster needs at least one server host")
         self.binary = binary
         self.workdir = workdir
         self.servers = list(servers)
+        self.overrides = dict(overrides or {})  # merged over every agent's config
         self.agents: dict[str, ConsulAgent] = {}
         for h in [*servers, *clients]:
             self.agents[h.name] = ConsulAgent(h, h in servers, workdir / h.name / "consul.json")
@@ -130,7 +158,9 @@ class ConsulCluster:
         data_dir = self.workdir / name / "consul-data"
         data_dir.mkdir(parents=True, exist_ok=True)
         a.config_file.write_text(
-            json.dumps(agent_config(a.host, self.servers, data_dir, a.server), indent=2)
+            json.dumps(
+                agent_config(a.host, self.servers, data_dir, a.server, self.overrides), indent=2
+            )
         )
         argv = [str(self.binary), "agent", f"-config-file={a.config_file}"]
         a.process = spawn(a.host, argv, self.log_path(name), name="consul")

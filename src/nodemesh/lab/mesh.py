@@ -71,6 +71,9 @@ class LabSpec:
     workdir: Path | None = None  # default: a fresh temporary directory
     keep_workdir: bool = False  # keep logs and configs after close (for debugging)
     consul_binary: Path | None = None  # default: what scripts/fetch-consul prints
+    # Merged over every Consul agent's JSON config (consul.agent_config), nested objects too:
+    # {"connect": {"enabled": True}} for Consul's own Connect proxies.
+    consul_config: Mapping[str, Any] = field(default_factory=dict)
     python: Path = Path(sys.executable)  # the venv's python; its bin/ holds `nodemesh`
     ready_timeout: float = READY_TIMEOUT
 
@@ -189,7 +192,7 @@ class Lab:
         binary = s.consul_binary or find_binary(REPO)
         servers = [self.host(n) for n in self.server_names]
         clients = [self.host(n) for n in ["ctl", *self.agent_hosts]]
-        self.consul = ConsulCluster(binary, self.dir, servers, clients)
+        self.consul = ConsulCluster(binary, self.dir, servers, clients, s.consul_config)
         self.progress(f"starting consul servers ({len(servers)})")
         for h in servers:
             self.consul.start_agent(h.name)
