@@ -5,13 +5,14 @@ PY := $(VENV)/bin
 
 .PHONY: test check demo test-all
 
-# Fast: unit and component tiers only (no sockets beyond memory streams, no root).
+# Fast: unit and component tiers, and the benchmark's own checks (tests/bench: its parsers and
+# configs; the checks against real nginx/haproxy/wrk skip where those are missing or not root).
 test:
-	$(PY)/pytest tests/unit tests/component
+	$(PY)/pytest tests/unit tests/component tests/bench
 
 # Static checks: ruff and mypy --strict.
 check:
-	$(PY)/ruff check src tests
+	$(PY)/ruff check src tests bench
 	$(PY)/mypy
 
 # The demo (needs root): a mesh of namespace hosts with live traffic.
@@ -22,8 +23,10 @@ demo:
 test-all:
 	scripts/test
 
-# The data-path benchmark (needs root): direct, nodemesh, Consul Connect and haproxy side by
-# side in one lab; a table on stdout, every number in bench/results/ (docs/benchmarks.md).
+# The data-path benchmark (needs root): every workload (closed and open loop HTTP/1.1, bulk TCP,
+# HTTP/2, gRPC, memory, a piecewise writer) on direct, nodemesh, Consul Connect and haproxy in
+# one lab, 3 rounds, ~15 minutes; tables on stdout, every number and a plot in bench/results/
+# (docs/benchmarks.md).  E.g. make bench BENCH_ARGS="--quick" or "--workloads c1,open".
 .PHONY: bench
 bench:
 	$(PY)/python bench/mesh_http.py $(BENCH_ARGS)

@@ -1,28 +1,32 @@
-"""The HTTP data-path benchmark: direct, nodemesh, Consul Connect and haproxy in one run.
+"""The data-path benchmark: every workload, on every path, in rounds, in one run.
 
-    sudo .venv/bin/python bench/mesh_http.py [--duration 10] [--connections 16] [--profile]
+    sudo .venv/bin/python bench/mesh_http.py [--rounds 3] [--quick] [--workloads c1,open,...]
 
 One lab (namespace hosts c1, ctl, h1, h2; a real Consul with Connect enabled; the controller;
-nodemesh agents on h1 and h2), nginx on h2 registered in Consul as ``bench``, and wrk on h1
-measuring one path after the other, each after a warm-up with the same settings:
+nodemesh agents on h1 and h2) and the upstreams on h2, each its own Consul service with a
+Connect sidecar (``peers.UPSTREAMS``): nginx (HTTP/1.1, and h2c on a second port), a gRPC
+echo, a bulk TCP sink and a stock ``http.server``.  From h1 the paths of ``workloads.py``
+(direct, nodemesh, consul-connect, haproxy where it applies) are measured in turn:
 
-    direct     wrk (as the agent's uid, so not intercepted) -> nginx
-    nodemesh   wrk (root) -> iptables -> agent h1 -> mTLS -> agent h2 -> nginx   (L7, HTTP/1.1)
-    connect    wrk -> Consul's proxy on h1 -> mTLS -> Consul's sidecar on h2 -> nginx   (L4)
-    haproxy    wrk -> haproxy on h1 -> nginx   (L7, one hop, no TLS; a reference point)
+    c1, c16   closed loop HTTP/1.1 to nginx, wrk -c1 / -c16
+    open      open loop HTTP/1.1 to nginx at fixed rates, h2load --h1 --rps, per-request log
+    bulk      one opaque TCP transfer (1 GiB) to the sink, timed to the sink's answer
+    h2        HTTP/2 (h2c prior knowledge) to nginx, h2load -c10 -m10
+    grpc      gRPC unary calls to the echo server, grpcio, a fixed number in flight
+    memory    the proxies' RSS with 1,000 idle keep-alive connections through them
+    pieces    closed loop -c1 to http.server, which writes head and body in two writes
 
-Before each measurement a request proves the path: nginx echoes the address it was reached
-from and the caller identity nodemesh's inbound agent adds.  For each path the result holds
-wrk's req/s, latency percentiles and errors, and the CPU seconds and peak RSS of the proxies
-(and nginx) during the measured run.  ``--profile`` adds a py-spy profile of both agents under
-the same load (not part of the table: sampling slows the agent).  A table goes to stdout and
-everything to a JSON file.
+A round runs every point once, the paths of a point one after the other; the tables show
+medians over rounds.  Every number of every round goes to a JSON file, and a plot of the
+open-loop latency percentiles at 1,000 req/s beside it.  ``--profile`` adds a py-spy profile of
+both agents under the c16 load afterwards (sampling slows the agent: not part of the tables).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -33,7 +37,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,10 +44,11 @@ from typing import Any
 import peers
 import pyspy
 import source
+import summary
+import workloads
 from measure import (
     BenchError,
     Watch,
-    children,
     loadavg,
     parse_wrk,
     run_wrk,
@@ -52,123 +56,24 @@ from measure import (
     wait_quiet,
     wrk_argv,
 )
+from workloads import CONNECT, HAPROXY, NODEMESH, WORKLOADS, Bench, Route
 
 import nodemesh
 from nodemesh.lab.consul import find_binary
-from nodemesh.lab.mesh import NODEMESH_USER, Lab, LabSpec
+from nodemesh.lab.mesh import Lab, LabSpec
 from nodemesh.lab.netns import LabError, Process
 
 HERE = Path(__file__).resolve().parent
-PATH_TIMEOUT = 60.0  # seconds for a path to start answering (a Connect sidecar's first check)
 QUIET_LOAD = 1.5  # 1-minute load average under which the machine counts as quiet
-
-
-@dataclass(frozen=True)
-class Route:
-    """One path through the lab, and how to recognise that a request took it."""
-
-    name: str
-    what: str
-    url: str
-    user: str | None  # wrk's user on h1 (None: root, which interception catches)
-    peer: str  # the address nginx must see the connection come from
-    identity: bool  # whether nodemesh's inbound agent must have added a caller identity
+PLOT_RATE = 1000  # req/s: the open-loop point the plot shows
+GIB = 1 << 30
 
 
 def say(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def probe(lab: Lab, route: Route) -> tuple[int, dict[str, str]]:
-    """One curl through ``route`` from h1: the status and the response headers."""
-    argv = ["curl", "-sS", "-i", "--max-time", "3", route.url]
-    p = lab.exec("h1", argv, user=route.user, check=False, timeout=10.0)
-    head = p.stdout.decode(errors="replace").split("\r\n\r\n", 1)[0].split("\r\n")
-    status = int(head[0].split()[1]) if head and len(head[0].split()) > 1 else 0
-    headers = {}
-    for line in head[1:]:
-        k, _, v = line.partition(":")
-        headers[k.strip().lower()] = v.strip()
-    return status, headers
-
-
-def wait_route(lab: Lab, route: Route) -> dict[str, str]:
-    """Bounded: until a request through ``route`` reaches nginx the way the route says."""
-    deadline = time.monotonic() + PATH_TIMEOUT
-    seen: tuple[int, dict[str, str]] = (0, {})
-    while time.monotonic() < deadline:
-        seen = probe(lab, route)
-        status, h = seen
-        identity = h.get("x-bench-client-id", "").startswith("spiffe://")
-        if status == 200 and h.get("x-bench-peer") == route.peer and identity == route.identity:
-            return h
-        time.sleep(0.5)
-    raise BenchError(
-        f"{route.name}: {route.url} from h1 did not take the expected path within "
-        f"{PATH_TIMEOUT:g}s (want peer {route.peer}, identity {route.identity}; last answer "
-        f"{seen[0]} {seen[1]}); see the logs in {lab.dir}"
-    )
-
-
-def measure(
-    lab: Lab, route: Route, args: argparse.Namespace, groups: dict[str, list[int]]
-) -> dict[str, Any]:
-    headers = wait_route(lab, route)
-    script = lab.dir / "wrk_report.lua"
-
-    def wrk(duration: float) -> list[str]:
-        t, c = args.threads, args.connections
-        return wrk_argv(route.url, threads=t, connections=c, duration=duration, script=script)
-
-    say(f"{route.name}: warm-up {args.warmup:g}s")
-    warm = parse_wrk(run_wrk(lab, "h1", wrk(args.warmup), args.warmup, route.user))
-    say(f"{route.name}: measuring {args.duration:g}s ({route.what})")
-    load_before = loadavg()
-    with Watch(groups) as watch:
-        res = parse_wrk(run_wrk(lab, "h1", wrk(args.duration), args.duration, route.user))
-    load_after = loadavg()
-    lat = res.latency_ms
-    cpu = watch.cpu_summary()
-    say(
-        f"{route.name}: {res.rps:,.0f} req/s, p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, "
-        f"{res.error_count} errors; cores busy: machine {cpu['machine_cores_busy']}, "
-        f"wrk {cpu['wrk_cores']}, watched {cpu['watched_cores']}, other {cpu['other_cores']} "
-        f"(machine by kind: {cpu['machine_cores_by_kind']})"
-    )
-    for other in watch.busiest_others:
-        say(f"    also busy: {other['cpu_s']}s pid {other['pid']} {other['command'][:100]}")
-    return {
-        "name": route.name,
-        "path": route.what,
-        "url": route.url,
-        "wrk_user": route.user or "root",
-        "wrk_argv": wrk(args.duration),
-        "checked_headers": {k: v for k, v in headers.items() if k.startswith("x-bench-")},
-        "rps": round(res.rps, 1),
-        "requests": res.requests,
-        "duration_s": round(res.duration_s, 3),
-        "latency_ms": {k: round(v, 3) for k, v in lat.items()},
-        "errors": res.errors,
-        "error_count": res.error_count,
-        "warmup": {"rps": round(warm.rps, 1), "error_count": warm.error_count},
-        # CPU per request holds up better than req/s when the machine is shared.
-        "processes": [
-            {**u, "cpu_us_per_request": round(1e6 * u["cpu_s"] / max(res.requests, 1), 1)}
-            for u in usage_dicts(watch.usage)
-        ],
-        "cpu": watch.cpu_summary(),
-        "busiest_other_processes": watch.busiest_others,
-        "loadavg_before": load_before,
-        "loadavg_after": load_after,
-        "wrk_text": res.text,
-    }
-
-
-def pids(proc: Process) -> list[int]:
-    return [proc.pid, *children(proc.pid)]
-
-
-def check_running(procs: Sequence[Process], lab: Lab) -> None:
+def check_running(procs: Sequence[Process]) -> None:
     for p in procs:
         if not p.running:
             raise BenchError(
@@ -184,57 +89,117 @@ def wait_passing(lab: Lab, host: str, service: str, timeout: float = 30.0) -> No
         time.sleep(0.2)
 
 
-def run_all(lab: Lab, args: argparse.Namespace, consul: Path, out: dict[str, Any]) -> None:
-    h1, h2 = lab.host_ip("h1"), lab.host_ip("h2")
-    shutil.copyfile(HERE / "wrk_report.lua", lab.dir / "wrk_report.lua")
-    (lab.dir / "wrk_report.lua").chmod(0o644)
-    upstream = f"http://{h2}:{peers.PORT}/"
-    agents = {f"agent@{h}": [lab.agents[h].pid] for h in ("h1", "h2")}
-    with contextlib.ExitStack() as stack:
-        say("starting nginx on h2 and registering it as `bench`")
-        nginx = peers.start_nginx(lab, "h2")
-        stack.callback(nginx.stop)
-        service_id = peers.register(lab, "h2", sidecar=False)
-        wait_passing(lab, "h2", peers.SERVICE)
-        check_running([nginx], lab)
-        web = {"nginx@h2": pids(nginx)}
-        results: list[dict[str, Any]] = out["results"]
+def set_up(lab: Lab, args: argparse.Namespace, consul: Path, stack: contextlib.ExitStack) -> Bench:
+    """Every upstream on h2 registered with its sidecar, Consul's proxies and haproxy on h1."""
+    for name in ("wrk_report.lua", "apps.py"):
+        shutil.copyfile(HERE / name, lab.dir / name)
+        (lab.dir / name).chmod(0o644)
+    io = lab.dir / "bench-io"
+    io.mkdir(exist_ok=True)
+    io.chmod(0o1777)  # clients run as root or as the agent's uid
+    ups = peers.UPSTREAMS
+    say("starting the upstreams on h2: nginx (HTTP/1.1 and h2c), grpc echo, sink, http.server")
+    procs = {"nginx": peers.start_nginx(lab, "h2")}
+    procs["h2c"] = procs["nginx"]
+    for key, cmd in (("grpc", "grpc-server"), ("sink", "sink"), ("pieces", "pieces")):
+        procs[key] = peers.start_app(lab, "h2", lab.dir / "apps.py", cmd, ups[key].port)
+    for p in {id(p): p for p in procs.values()}.values():
+        stack.callback(p.stop)
+    say(f"registering {', '.join(u.service for u in ups.values())} with Connect sidecars")
+    for up in ups.values():
+        peers.register(lab, "h2", up, sidecar=True)
+    for up in ups.values():
+        wait_passing(lab, "h2", up.service)
+    check_running(list(procs.values()))
+    say("starting Consul's proxies (a sidecar per upstream on h2, one proxy on h1)")
+    sidecars, client = peers.start_connect_proxies(lab, consul, list(ups.values()))
+    for p in [client, *sidecars.values()]:
+        stack.callback(p.stop)
+    by_service = {up.service: key for key, up in ups.items()}
+    connect = {"connect-proxy@h1": [client.pid]}
+    connect |= {f"connect-sidecar-{by_service[s]}@h2": [p.pid] for s, p in sidecars.items()}
+    proxies: dict[str, dict[str, list[int]]] = {
+        workloads.DIRECT: {},
+        NODEMESH: {f"agent@{h}": [lab.agents[h].pid] for h in ("h1", "h2")},
+        CONNECT: connect,
+    }
+    if not args.no_haproxy:
+        hap = peers.start_haproxy(lab, "h1", f"{lab.host_ip('h2')}:{peers.PORT}")
+        stack.callback(hap.stop)
+        proxies[HAPROXY] = {"haproxy@h1": workloads.pids_of(hap)}
+    label = {"nginx": "nginx@h2", "h2c": "nginx@h2", "grpc": "grpc-echo@h2", "sink": "sink@h2"}
+    label["pieces"] = "http.server@h2"
+    apps = {k: {label[k]: workloads.pids_of(p)} for k, p in procs.items()}
+    return Bench(lab, args, lab.dir / "apps.py", io, workloads.routes(lab, not args.no_haproxy),
+                 proxies, apps)  # fmt: skip
 
-        direct = Route("direct", "wrk -> nginx", upstream, NODEMESH_USER, h1, False)
-        results.append(measure(lab, direct, args, web))
 
-        mesh = Route(
-            "nodemesh", "wrk -> agent h1 -> mTLS -> agent h2 -> nginx", upstream, None, h2, True
-        )
-        results.append(measure(lab, mesh, args, {**agents, **web}))
+def prove_all(bench: Bench, chosen: Sequence[str]) -> dict[tuple[str, str], str]:
+    """Prove every path the chosen workloads take; the ones that failed, with the reason."""
+    unusable: dict[tuple[str, str], str] = {}
+    for name in chosen:
+        w = WORKLOADS[name]
+        for c in w.contenders:
+            key = (w.upstream, c)
+            route = bench.routes.get(key)
+            if route is None or key in bench.proven or key in unusable:
+                continue
+            say(f"proving {route.name}: {route.what}")
+            try:
+                workloads.prove(bench, route)
+            except BenchError as e:
+                say(f"    SKIPPED: {e}")
+                unusable[key] = str(e)
+    return unusable
 
-        say("enabling a Connect sidecar for `bench`; starting Consul's proxies")
-        peers.register(lab, "h2", sidecar=True)
-        proxies = peers.start_connect_proxies(lab, consul, service_id)
-        for p in proxies:
-            stack.callback(p.stop)
-        connect_url = f"http://127.0.0.1:{peers.CONNECT_UPSTREAM_PORT}/"
-        connect = Route(
-            "consul-connect",
-            "wrk -> consul proxy h1 -> mTLS -> sidecar h2 -> nginx",
-            connect_url,
-            None,
-            h2,
-            False,
-        )
-        groups = {f"connect-proxy@{p.host.name}": [p.pid] for p in reversed(proxies)}
-        results.append(measure(lab, connect, args, {**groups, **web}))
-        check_running(proxies, lab)
 
-        if not args.no_haproxy:
-            hap = peers.start_haproxy(lab, "h1", f"{h2}:{peers.PORT}")
-            stack.callback(hap.stop)
-            hap_url = f"http://127.0.0.1:{peers.HAPROXY_PORT}/"
-            route = Route("haproxy", "wrk -> haproxy h1 -> nginx", hap_url, None, h1, False)
-            results.append(measure(lab, route, args, {"haproxy@h1": pids(hap), **web}))
+def brief(name: str, r: dict[str, Any]) -> str:
+    if r.get("error"):
+        return f"FAILED: {r['error'][:300]}"
+    if name == "bulk":
+        return f"{r['mib_per_s']:,.0f} MiB/s ({r['seconds']:.2f}s)"
+    if name == "memory":
+        return f"{r['connections']['open']} open; RSS {r['rss_mib_held']} MiB"
+    lat = r["latency_ms"]
+    return (
+        f"{r['rps']:,.0f} req/s, p50 {lat.get('p50', 0):.2f} ms, p99 {lat.get('p99', 0):.2f} ms, "
+        f"{r['error_count']} errors; other cores {r['cpu']['other_cores']}"
+    )
 
-        if args.profile:
-            out["profile"] = profile(lab, mesh, args)
+
+def run_rounds(bench: Bench, args: argparse.Namespace, out: dict[str, Any]) -> None:
+    unusable = prove_all(bench, args.workloads)
+    out["skipped_paths"] = {f"{c}/{u}": why for (u, c), why in unusable.items()}
+    out["idle_rss_mib"] = {
+        label: v
+        for groups in bench.proxies.values()
+        for label, v in workloads.rss_mib(groups).items()
+    }
+    say(f"idle RSS (MiB), before any load: {out['idle_rss_mib']}")
+    results: list[dict[str, Any]] = out["results"]
+    for rnd in range(1, args.rounds + 1):
+        for name in args.workloads:
+            w = WORKLOADS[name]
+            for setting in w.settings(args):
+                for c in w.contenders:
+                    route = bench.routes.get((w.upstream, c))
+                    if route is None:
+                        continue
+                    tag = f"round {rnd}/{args.rounds} {name} {setting} {c}"
+                    row: dict[str, Any] = {"round": rnd, "workload": name, "setting": setting,
+                                           "contender": c, "path": route.what}  # fmt: skip
+                    why = unusable.get((w.upstream, c))
+                    if why:
+                        row["error"] = f"skipped: the path was not usable ({why})"
+                    else:
+                        say(f"{tag}: measuring")
+                        try:
+                            row |= w.measure(bench, route, setting)
+                        except BenchError as e:
+                            row["error"] = str(e)
+                    say(f"{tag}: {brief(name, row)}")
+                    results.append(row)
+            check_running([*bench.lab.agents.values()])
 
 
 def profile(lab: Lab, route: Route, args: argparse.Namespace) -> dict[str, Any]:
@@ -248,7 +213,7 @@ def profile(lab: Lab, route: Route, args: argparse.Namespace) -> dict[str, Any]:
     argv = wrk_argv(
         route.url,
         threads=args.threads,
-        connections=args.connections,
+        connections=16,
         duration=load_secs,
         script=script,
     )
@@ -334,35 +299,28 @@ def versions(consul: Path) -> dict[str, str]:
         "nodemesh_source": str(Path(nodemesh.__file__).parent),
         "python": platform.python_version(),
         "wrk": peers.version([peers.binary("wrk"), "-v"]),
+        "h2load": peers.version([peers.binary("h2load"), "--version"]),
+        "grpcio": importlib.metadata.version("grpcio"),
         "nginx": peers.version([peers.binary("nginx"), "-v"]),
         "haproxy": peers.version([peers.binary("haproxy"), "-v"]),
         "consul": peers.version([str(consul), "version"]),
     }
 
 
-def table(results: Sequence[dict[str, Any]]) -> str:
-    """One line per path; "other" is the cores busy outside wrk and the measured processes."""
-    head = f"{'path':<15} {'req/s':>9} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'errors':>6} "
-    lines = [head + f"{'other':>6}  process: CPU s, CPU per request, max RSS"]
-    for r in results:
-        lat = r["latency_ms"]
-        procs = "; ".join(
-            f"{p['label']} {p['cpu_s']:.1f}s {p['cpu_us_per_request']:.0f}us/req "
-            f"{p['max_rss_mib']:.0f}MiB"
-            for p in r["processes"]
-        )
-        lines.append(
-            f"{r['name']:<15} {r['rps']:>9,.0f} {lat['p50']:>7.2f} {lat['p90']:>7.2f} "
-            f"{lat['p99']:>7.2f} {r['error_count']:>6} {r['cpu']['other_cores']:>6.2f}  {procs}"
-        )
-    return "\n".join(lines)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per path")
-    ap.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per path")
-    ap.add_argument("--connections", type=int, default=16, help="wrk -c")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS),
+                    help=f"comma-separated, from {','.join(WORKLOADS)} (default: all)")  # fmt: skip
+    ap.add_argument("--rounds", type=int, help="rounds over every point (default 3)")
+    ap.add_argument("--duration", type=float, help="seconds measured per point (default 5)")
+    ap.add_argument("--warmup", type=float, help="seconds of warm-up per point (default 2)")
+    ap.add_argument(
+        "--quick", action="store_true", help="a smoke test: 1 round, 2 s points, 256 MiB bulk"
+    )
+    ap.add_argument("--rates", default="200,1000,2000", help="open-loop req/s, comma-separated")
+    ap.add_argument("--bulk-bytes", type=int, help="bytes of the bulk transfer (default 1 GiB)")
+    ap.add_argument("--grpc-concurrency", type=int, default=10, help="gRPC calls in flight")
+    ap.add_argument("--memory-connections", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1, help="wrk -t")
     ap.add_argument("--no-haproxy", action="store_true", help="skip the haproxy reference")
     ap.add_argument("--profile", action="store_true", help="py-spy both agents afterwards")
@@ -370,8 +328,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--wait-quiet",
         type=float,
-        default=300.0,
-        help=f"wait up to this many seconds for load average <= {QUIET_LOAD}",
+        help=f"wait up to this many seconds for load average <= {QUIET_LOAD} "
+        "(default 300, 0 with --quick)",
     )
     ap.add_argument(
         "--rev",
@@ -381,15 +339,54 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep the lab's logs and configs")
     ap.add_argument("--out", type=Path, help="the JSON result file (default: bench/results/)")
     args = ap.parse_args(argv)
+    quick = args.quick
+    for name, full, short in (
+        ("rounds", 3, 1), ("duration", 5.0, 2.0), ("warmup", 2.0, 1.0),
+        ("bulk_bytes", GIB, GIB // 4), ("wait_quiet", 300.0, 0.0),
+    ):  # fmt: skip
+        if getattr(args, name) is None:
+            setattr(args, name, short if quick else full)
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in args.workloads if w not in WORKLOADS]
+    if unknown or not args.workloads:
+        ap.error(f"--workloads {unknown or 'empty'}: choose from {','.join(WORKLOADS)}")
+    try:
+        args.rates = [int(r) for r in args.rates.split(",")]
+    except ValueError:
+        ap.error(f"--rates {args.rates!r} is not comma-separated integers")
+    if not all(10 <= r <= 100_000 for r in args.rates):
+        ap.error("--rates must be within 10..100000 req/s")
     for name in ("duration", "warmup", "profile_seconds"):
         if not 0 < getattr(args, name) <= 600:
             ap.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be in (0, 600]")
-    if not 1 <= args.threads <= args.connections <= 10_000:
-        ap.error("need 1 <= --threads <= --connections <= 10000")
+    if not 1 <= args.rounds <= 20:
+        ap.error("--rounds must be within 1..20")
+    if not 1 << 10 <= args.bulk_bytes <= 16 * GIB:
+        ap.error("--bulk-bytes must be within 1 KiB..16 GiB")
+    if not 1 <= args.memory_connections <= 10_000 or not 1 <= args.grpc_concurrency <= 1000:
+        ap.error("need 1 <= --memory-connections <= 10000 and 1 <= --grpc-concurrency <= 1000")
+    if not 1 <= args.threads <= 16:
+        ap.error("need 1 <= --threads <= 16")
     if args.out is None:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         args.out = HERE / "results" / f"mesh_http-{stamp}.json"
     return args
+
+
+def check_bench_extra() -> str:
+    """ "" when grpcio and matplotlib import, else the one sentence that says how to fix it."""
+    missing = []
+    for mod in ("grpc", "matplotlib"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if not missing:
+        return ""
+    return (
+        f"bench/mesh_http.py: {' and '.join(missing)} missing; install the benchmark's extra "
+        "with .venv/bin/pip install -e '.[bench]'"
+    )
 
 
 def main(argv: Sequence[str] | None = None, progress: Callable[[str], None] = say) -> int:
@@ -400,6 +397,10 @@ def main(argv: Sequence[str] | None = None, progress: Callable[[str], None] = sa
             "bench/mesh_http.py: must run as root (it builds network namespaces)", file=sys.stderr
         )
         return 1
+    problem = check_bench_extra()
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
     source.reexec_at(
         args.rev, Path(__file__).resolve(), argv
     )  # returns only when already running the chosen code
@@ -407,6 +408,15 @@ def main(argv: Sequence[str] | None = None, progress: Callable[[str], None] = sa
         return run(args, progress)
     finally:
         source.cleanup()
+
+
+def lab_spec(consul: Path, keep: bool) -> LabSpec:
+    """With Connect enabled; an old revision's LabSpec has no consul_config: wrap instead."""
+    if "consul_config" in {f.name for f in dataclasses.fields(LabSpec)}:
+        return LabSpec(servers=1, hosts=2, consul_binary=consul, keep_workdir=keep,
+                       consul_config=peers.CONSUL_CONNECT)  # fmt: skip
+    peers.enable_connect_in_lab_consul()
+    return LabSpec(servers=1, hosts=2, consul_binary=consul, keep_workdir=keep)
 
 
 def run(args: argparse.Namespace, progress: Callable[[str], None]) -> int:
@@ -426,17 +436,31 @@ def run(args: argparse.Namespace, progress: Callable[[str], None]) -> int:
         "quiet_at_start": quiet,
         "results": [],
     }
-    peers.enable_connect_in_lab_consul()
-    spec = LabSpec(servers=1, hosts=2, consul_binary=consul, keep_workdir=args.keep)
+    started = time.monotonic()
     try:
-        with Lab(spec, progress=progress) as lab:
-            run_all(lab, args, consul, out)
+        with (
+            Lab(lab_spec(consul, args.keep), progress=progress) as lab,
+            contextlib.ExitStack() as stack,
+        ):
+            bench = set_up(lab, args, consul, stack)
+            run_rounds(bench, args, out)
+            if args.profile:
+                out["profile"] = profile(lab, bench.routes["nginx", NODEMESH], args)
     finally:
         out["loadavg_at_end"] = loadavg()
+        out["wall_s"] = round(time.monotonic() - started, 1)
+        med = summary.medians(out["results"])
+        out["medians"] = [
+            {"workload": w, "setting": s, "contender": c, **m} for (w, s, c), m in med.items()
+        ]
+        plot = args.out.with_name(f"{args.out.stem}-open{PLOT_RATE}.png")
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        if summary.plot_open_loop(med, PLOT_RATE, plot):
+            out["plot"] = plot.name
+            progress(f"plot written to {plot}")
         args.out.write_text(json.dumps(out, indent=2) + "\n")
-        progress(f"results written to {args.out}")
-    print(table(out["results"]))
+        progress(f"results written to {args.out} ({out['wall_s']:.0f} s)")
+    print(summary.tables(med, out.get("idle_rss_mib", {})))
     return 0
 
 

@@ -6,6 +6,9 @@
 - Consul's built-in Connect proxy (Go, L4 mTLS): a sidecar for ``bench`` on h2 and an upstream
   listener on h1.
 - haproxy on h1: one L7 hop, no TLS, a reference point for what a proxy in C costs.
+- The other upstreams on h2 (``UPSTREAMS``), each its own Consul service with a Connect sidecar:
+  nginx again on an h2c (prior knowledge) port, and ``apps.py``'s gRPC echo, bulk TCP sink and
+  stock ``http.server`` that writes its body in a second write.
 
 Config texts are pure functions; starting and stopping is the lab's ``netns.spawn`` by pid.
 """
@@ -16,7 +19,8 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +35,44 @@ PORT = 8080  # nginx on h2
 SIDECAR_PORT = 21000  # Consul's sidecar range starts here
 CONNECT_UPSTREAM_PORT = 9191  # the Connect proxy's listener on h1's loopback
 HAPROXY_PORT = 8088  # haproxy's listener on h1's loopback
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One service on h2 as Consul knows it, and where Consul's proxy on h1 listens for it."""
+
+    service: str
+    port: int  # on h2's address
+    protocol: str  # Meta.protocol for nodemesh ("": detected); DECLARED_PROTOCOLS
+    check: str  # "http" or "tcp" (an h2c-only port or a raw sink cannot answer HTTP/1.1)
+    sidecar_port: int
+    connect_port: int  # Consul's upstream listener on h1's 127.0.0.1
+
+    @property
+    def service_id(self) -> str:
+        return f"{self.service}-h2-{self.port}"
+
+
+UPSTREAMS = {
+    "nginx": Upstream(SERVICE, PORT, "", "http", SIDECAR_PORT, CONNECT_UPSTREAM_PORT),
+    "h2c": Upstream("bench-h2c", 8081, "http2", "tcp", 21001, 9192),
+    "grpc": Upstream("bench-grpc", 8082, "grpc", "tcp", 21002, 9193),
+    "sink": Upstream("bench-sink", 8083, "tcp", "tcp", 21003, 9194),
+    "pieces": Upstream("bench-pieces", 8084, "", "http", 21004, 9195),
+}
 # 100 bytes: small enough that the proxies, not the payload, are what is measured.
 BODY = (
     "nodemesh benchmark: a fixed body of one hundred bytes from nginx, "
     + "the same for every path .........\n"
 )
-PACKAGES = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk"}  # binary -> Debian package
+# binary -> Debian package
+PACKAGES = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk", "h2load": "nghttp2-client"}
 SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 
 
 def ensure_packages(say: Callable[[str], None]) -> None:
-    """apt-get install what is missing of nginx, haproxy and wrk.
+    """apt-get install what is missing of nginx, haproxy, wrk and h2load.
 
     Debian starts a freshly installed daemon at once (nginx would listen on the machine's own
     port 80); a policy-rc.d that answers 101 forbids that for the length of the install, and is
@@ -90,13 +120,13 @@ def version(argv: list[str]) -> str:
 # --- Consul with Connect -----------------------------------------------------------------------
 
 
-def enable_connect_in_lab_consul() -> None:
-    """Make every lab Consul agent start with ``connect { enabled = true }``.
+CONSUL_CONNECT = {"connect": {"enabled": True}}  # LabSpec.consul_config
 
-    LabSpec has no way to add Consul agent settings, so the benchmark wraps the lab's pure
-    config function before the lab starts (this process only).  Everything else about the
-    agents stays exactly as the lab writes it.
-    """
+
+def enable_connect_in_lab_consul() -> None:
+    """For revisions whose ``LabSpec`` has no ``consul_config``: make every lab Consul agent
+    start with ``connect { enabled = true }`` by wrapping the lab's pure config function
+    before the lab starts (this process only)."""
     original = lab_consul.agent_config
     if getattr(original, "_bench_connect", False):
         return
@@ -110,28 +140,32 @@ def enable_connect_in_lab_consul() -> None:
     lab_consul.agent_config = with_connect
 
 
-def service_definition(ip: str, *, sidecar: bool) -> dict[str, Any]:
-    """``bench`` on h2 as Consul's agent API takes it; with ``sidecar``, a Connect sidecar
-    whose built-in proxy delivers to nginx on h2's address (its default is 127.0.0.1)."""
+def service_definition(ip: str, up: Upstream, *, sidecar: bool) -> dict[str, Any]:
+    """``up`` on h2 as Consul's agent API takes it; with ``sidecar``, a Connect sidecar whose
+    built-in proxy delivers to the service on h2's address (its default is 127.0.0.1)."""
+    where = f"{ip}:{up.port}"
+    check = {"HTTP": f"http://{where}/"} if up.check == "http" else {"TCP": where}
     svc: dict[str, Any] = {
-        "ID": f"{SERVICE}-h2-{PORT}",
-        "Name": SERVICE,
+        "ID": up.service_id,
+        "Name": up.service,
         "Address": ip,
-        "Port": PORT,
-        "Check": {"Name": "nginx", "HTTP": f"http://{ip}:{PORT}/", "Interval": "1s"},
+        "Port": up.port,
+        "Check": {"Name": up.service, "Interval": "1s", **check},
     }
+    if up.protocol:
+        svc["Meta"] = {"protocol": up.protocol}
     if sidecar:
         svc["Connect"] = {
             "SidecarService": {
-                "Port": SIDECAR_PORT,
-                "Proxy": {"LocalServiceAddress": ip, "LocalServicePort": PORT},
+                "Port": up.sidecar_port,
+                "Proxy": {"LocalServiceAddress": ip, "LocalServicePort": up.port},
             }
         }
     return svc
 
 
-def register(lab: Lab, host: str, *, sidecar: bool) -> str:
-    svc = service_definition(lab.host_ip(host), sidecar=sidecar)
+def register(lab: Lab, host: str, up: Upstream, *, sidecar: bool) -> str:
+    svc = service_definition(lab.host_ip(host), up, sidecar=sidecar)
     lab.consul_api(host, "/v1/agent/service/register", method="PUT", body=svc)
     return str(svc["ID"])
 
@@ -140,43 +174,68 @@ def passing(lab: Lab, host: str, service: str) -> bool:
     return bool(lab.consul_api(host, f"/v1/health/service/{service}?passing"))
 
 
-def start_connect_proxies(lab: Lab, consul: Path, service_id: str) -> list[Process]:
-    """The sidecar on h2 and the upstream listener on h1, both as the agent's uid so nodemesh's
-    interception leaves their connections alone (Consul's own redirect excludes its proxy the
-    same way)."""
+def connect_proxy_argv(consul: Path, ups: Sequence[Upstream]) -> list[str]:
+    """Consul's proxy on h1: one ``-upstream`` listener per service (pure)."""
+    argv = [str(consul), "connect", "proxy", "-service", f"{SERVICE}-client"]
+    for up in ups:
+        argv += ["-upstream", f"{up.service}:{up.connect_port}"]
+    return [*argv, "-http-addr", "127.0.0.1:8500", "-log-level", "warn"]
+
+
+def start_connect_proxies(
+    lab: Lab, consul: Path, ups: Sequence[Upstream]
+) -> tuple[dict[str, Process], Process]:
+    """A sidecar on h2 per upstream (by service) and one upstream proxy on h1 for them all,
+    each as the agent's uid so nodemesh's interception leaves their connections alone
+    (Consul's own redirect excludes its proxy the same way)."""
     http = ["-http-addr", "127.0.0.1:8500", "-log-level", "warn"]
-    sidecar = spawn(
-        lab.host("h2"),
-        [str(consul), "connect", "proxy", "-sidecar-for", service_id, *http],
-        lab.log_path("h2", "connect-proxy"),
-        user=NODEMESH_USER,
-        name="connect-proxy",
-    )
+    sidecars = {
+        up.service: spawn(
+            lab.host("h2"),
+            [str(consul), "connect", "proxy", "-sidecar-for", up.service_id, *http],
+            lab.log_path("h2", f"connect-proxy-{up.service}"),
+            user=NODEMESH_USER,
+            name=f"connect-proxy-{up.service}",
+        )
+        for up in ups
+    }
     upstream = spawn(
         lab.host("h1"),
-        [
-            str(consul),
-            "connect",
-            "proxy",
-            "-service",
-            f"{SERVICE}-client",
-            "-upstream",
-            f"{SERVICE}:{CONNECT_UPSTREAM_PORT}",
-            *http,
-        ],
+        connect_proxy_argv(consul, ups),
         lab.log_path("h1", "connect-proxy"),
         user=NODEMESH_USER,
         name="connect-proxy",
     )
-    return [sidecar, upstream]
+    return sidecars, upstream
+
+
+def start_app(lab: Lab, host: str, script: Path, cmd: str, port: int) -> Process:
+    """One of ``apps.py``'s servers on ``host``'s address (as root, like the lab's apps)."""
+    listen = f"{lab.host_ip(host)}:{port}"
+    argv = [lab.spec.python.as_posix(), str(script), cmd, "--listen", listen]
+    return spawn(lab.host(host), argv, lab.log_path(host, cmd), name=cmd)
 
 
 # --- nginx and haproxy -------------------------------------------------------------------------
 
 
-def nginx_conf(ip: str, port: int, workdir: Path) -> str:
-    """One worker, no access log, keep-alive for the whole run, the fixed body (pure)."""
+def nginx_conf(ip: str, port: int, workdir: Path, h2c_port: int | None = None) -> str:
+    """One worker, no access log, keep-alive for the whole run, the fixed body (pure); with
+    ``h2c_port``, the same answer over HTTP/2 with prior knowledge (no TLS) on that port."""
     tmp = workdir / "nginx-tmp"
+
+    def server(listen: str) -> str:
+        return f"""\
+  server {{
+    listen {listen};
+    location / {{
+      default_type text/plain;
+      add_header x-bench-peer $remote_addr always;
+      add_header x-bench-client-id $http_x_nodemesh_client_id always;
+      return 200 {json.dumps(BODY)};
+    }}
+  }}"""
+
     temps = "\n".join(
         f"  {kind}_temp_path {tmp / kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -193,15 +252,8 @@ http {{
 {temps}
   keepalive_requests 10000000;
   keepalive_timeout 300s;
-  server {{
-    listen {ip}:{port};
-    location / {{
-      default_type text/plain;
-      add_header x-bench-peer $remote_addr always;
-      add_header x-bench-client-id $http_x_nodemesh_client_id always;
-      return 200 {json.dumps(BODY)};
-    }}
-  }}
+{server(f"{ip}:{port}")}
+{server(f"{ip}:{h2c_port} http2") if h2c_port else ""}
 }}
 """
 
@@ -210,7 +262,7 @@ def start_nginx(lab: Lab, host: str) -> Process:
     work = lab.dir / host
     (work / "nginx-tmp").mkdir(exist_ok=True)
     conf = work / "nginx.conf"
-    conf.write_text(nginx_conf(lab.host_ip(host), PORT, work))
+    conf.write_text(nginx_conf(lab.host_ip(host), PORT, work, UPSTREAMS["h2c"].port))
     argv = [binary("nginx"), "-e", str(work / "nginx-error.log"), "-p", str(work), "-c", str(conf)]
     return spawn(lab.host(host), argv, lab.log_path(host, "nginx"), name="nginx")
 

@@ -1,5 +1,5 @@
 """The benchmark's own checks: its parsers on fixed input, its configs and wrk report against the
-real programs (skipped where a program is missing).  Run: .venv/bin/pytest bench/test_bench.py
+real programs (skipped where a program is missing).  Run: .venv/bin/pytest tests/bench
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import recording
 from nodemesh.controller import metrics as fleet_metrics
 from nodemesh.telemetry.metrics import Recorder
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[2] / "bench"
 
 WRK_STDOUT = """\
 Running 10s test @ http://198.18.0.5:8080/
@@ -94,9 +94,11 @@ def test_cpu_seconds_grow_with_work() -> None:
 
 
 def test_sidecar_definition_delivers_to_the_service_address() -> None:
-    plain = peers.service_definition("198.18.0.5", sidecar=False)
-    assert "Connect" not in plain
-    side = peers.service_definition("198.18.0.5", sidecar=True)
+    nginx = peers.UPSTREAMS["nginx"]
+    plain = peers.service_definition("198.18.0.5", nginx, sidecar=False)
+    assert "Connect" not in plain and "Meta" not in plain
+    assert plain["Check"]["HTTP"] == f"http://198.18.0.5:{peers.PORT}/"
+    side = peers.service_definition("198.18.0.5", nginx, sidecar=True)
     proxy = side["Connect"]["SidecarService"]["Proxy"]
     assert proxy == {"LocalServiceAddress": "198.18.0.5", "LocalServicePort": peers.PORT}
     assert len(peers.BODY) == 100
@@ -115,7 +117,7 @@ def test_nginx_accepts_its_config(tmp_path: Path) -> None:
         pytest.skip("nginx -t with a `user` directive needs root")
     (tmp_path / "nginx-tmp").mkdir()
     conf = tmp_path / "nginx.conf"
-    conf.write_text(peers.nginx_conf("127.0.0.1", 18080, tmp_path))
+    conf.write_text(peers.nginx_conf("127.0.0.1", 18080, tmp_path, h2c_port=18081))
     argv = [nginx, "-t", "-e", str(tmp_path / "e.log"), "-p", str(tmp_path), "-c", str(conf)]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
     assert p.returncode == 0, p.stderr
