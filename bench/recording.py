@@ -36,7 +36,7 @@ Only ``Recorder.request``, ``Recorder.cut`` and ``build_report`` are called, so 
 driver measures any revision (``--rev``) of the recorder, before and after a change.
 
 The numbers go to a JSON file under bench/results/ and a table to stdout.  Pure parts
-(``label_mix``, ``spread``) are checked in bench/test_bench.py.
+(``label_mix``, ``spread``) are checked in tests/bench/test_bench_tools.py.
 """
 
 from __future__ import annotations
