@@ -149,6 +149,7 @@ class GrpcRun:
     errors: dict[str, int]
     peer: str  # what the server saw: "ipv4:IP:PORT <caller identity>"
     latency_ms: dict[str, float]
+    error_details: dict[str, str] = field(default_factory=dict)  # code -> its first message
 
     @property
     def rps(self) -> float:
@@ -175,6 +176,7 @@ def parse_grpc_log(text: str) -> GrpcRun:
         errors={k: int(v) for k, v in meta["errors"].items()},
         peer=str(meta.get("peer", "")),
         latency_ms=percentiles_ms(latencies),
+        error_details={k: str(v) for k, v in meta.get("error_details", {}).items()},
     )
 
 

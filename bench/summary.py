@@ -190,6 +190,7 @@ def plot_open_loop(med: dict[Point, dict[str, Any]], rate: int, path: Path) -> b
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     labels = ["p50", "p90", "p99", "p99.9"]
@@ -197,6 +198,9 @@ def plot_open_loop(med: dict[Point, dict[str, Any]], rate: int, path: Path) -> b
         pts = [(x, y) for x, y in zip(labels, ys, strict=True) if y is not None]
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=contender)
     ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.5, 2, not 5x10^-1
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_ylabel("latency, ms (log scale)")
     ax.set_xlabel("percentile (median over rounds)")
     ax.set_title(f"Open loop HTTP/1.1 at {rate:,} req/s offered (h2load --h1 -c10)")

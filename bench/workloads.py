@@ -309,6 +309,7 @@ def measure_grpc(bench: Bench, route: Route, concurrency: int) -> dict[str, Any]
         "requests": run.calls,
         "latency_ms": {k: round(v, 3) for k, v in run.latency_ms.items()},
         "errors": run.errors,
+        "error_details": run.error_details,
         "error_count": run.error_count,
         "server_saw": run.peer,
         **_load(watch, run.calls),

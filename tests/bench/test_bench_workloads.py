@@ -92,6 +92,7 @@ def test_h2load_argv_open_loop_and_h2() -> None:
 
 GRPC_LOG = (
     '{"concurrency": 10, "seconds": 2.0, "calls": 4, "errors": {"UNAVAILABLE": 1}, '
+    '"error_details": {"UNAVAILABLE": "Connection reset by peer"}, '
     '"peer": "ipv4:198.18.0.5:40122 spiffe://nodemesh.local/dc/dc1/node/h1"}\n'
     "1000\n2000\n3000\n40000\n"
 )
@@ -100,6 +101,7 @@ GRPC_LOG = (
 def test_grpc_log_gives_rate_percentiles_errors_and_the_peer() -> None:
     run = loadgen.parse_grpc_log(GRPC_LOG)
     assert run.rps == 2.0 and run.error_count == 1 and run.concurrency == 10
+    assert run.error_details == {"UNAVAILABLE": "Connection reset by peer"}
     assert run.latency_ms["p50"] == 2.0 and run.latency_ms["p99"] == 40.0
     assert loadgen.grpc_peer_ip(run.peer) == "198.18.0.5"
     assert run.peer.endswith("node/h1")
