@@ -189,6 +189,8 @@ class MeshPair:
     async def start(self) -> None:
         await self.nursery.start(self.outbound.mux.serve)
         await self.nursery.start(self.inbound.h2apps.serve)
+        await self.nursery.start(self.outbound.idle.serve)
+        await self.nursery.start(self.inbound.idle.serve)
 
     async def _dial_from_a(self, host: str, port: int, timeout: float) -> trio.abc.Stream:
         if (host, port) != (B_IP, MESH_PORT):
@@ -225,8 +227,9 @@ class MeshPair:
         served: trio.Event | None = None,
     ) -> trio.abc.Stream:
         """A new app connection to ``dst`` through agent a; the client's end of it."""
-        if idle is not None:
+        if idle is not None and idle is not self.outbound.idle:
             self.outbound.idle = idle
+            self.nursery.start_soon(idle.serve)
         client, proxy = trio.testing.memory_stream_pair()
         down: trio.abc.Stream = wrap(proxy) if wrap is not None else proxy
 
@@ -237,9 +240,9 @@ class MeshPair:
                     self.a.cfg = cfg
                 await self.outbound.serve_connection(down, dst)
             finally:
-                await trio.aclose_forcefully(proxy)
-                if served is not None:
+                if served is not None:  # before the close the client may wake on
                     served.set()
+                await trio.aclose_forcefully(proxy)
 
         self.nursery.start_soon(run)
         return client

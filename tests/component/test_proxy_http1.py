@@ -351,6 +351,8 @@ class Hop:
         self.nursery = nursery
         self.app = app
         self.route = route
+        self.idle = IdleSet()
+        nursery.start_soon(self.idle.serve)
 
     async def connect(self, *, idle_timeout: float = 30.0) -> Client:
         client_side, proxy_side = trio.testing.memory_stream_pair()
@@ -358,7 +360,7 @@ class Hop:
 
         async def run() -> None:
             try:
-                await serve_http1(proxy_side, self.route, idle_timeout=idle_timeout)
+                await serve_http1(proxy_side, self.route, idle_timeout=idle_timeout, idle=self.idle)
             finally:
                 served.set()
                 await trio.aclose_forcefully(proxy_side)
@@ -1087,7 +1089,7 @@ async def test_upgrade_request_goes_to_the_tunnel_with_the_bytes_after_it() -> N
         b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     )
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(partial(serve_http1, up, route, idle_timeout=5))
+        nursery.start_soon(partial(serve_http1, up, route, idle_timeout=5, idle=IdleSet()))
         await down.send_all(head + b"\x81\x05early")
         with trio.fail_after(5):
             got = await down.receive_some(1000)

@@ -197,6 +197,7 @@ async def serve_agent(
         await root.start(inbound.h2apps.serve)
         root.start_soon(outbound.pool.serve_reaper)
         root.start_soon(inbound.pool.serve_reaper)
+        await root.start(idle.serve)
         try:
             with trio.CancelScope() as drain_scope:
                 async with trio.open_nursery() as conns:

@@ -36,6 +36,7 @@ connection, as HTTP/1.1 requires.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -133,13 +134,24 @@ async def _send_up(up: Upstream, data: bytes) -> None:
 
 
 class IdleSet:
-    """Cancel scopes of connections waiting for their next request; a drain cancels them all,
-    so keep-alive connections end between requests instead of holding shutdown open."""
+    """Connections waiting for their next request, so they end between requests: when idle
+    past their deadline, or at once when a drain begins (keep-alive connections must not hold
+    shutdown open).  ``serve`` is the one task that ends them, by closing the stream the
+    connection waits on; its reader then sees the close and the connection's loop returns.
 
-    def __init__(self) -> None:
+    A waiting connection costs a dict entry, not a timer: a cancel scope (``move_on_after``)
+    around each request's wait cost each agent 10-17 us per request, 8-11% of its CPU
+    (``bench/datapath.py``, docs/benchmarks.md).  Waits that happen once per connection
+    (protocol detection) still use a cancel scope in ``scopes``, which a drain cancels.
+    """
+
+    def __init__(self, tick: float = 1.0) -> None:
+        self.waiting: dict[trio.abc.AsyncResource, float] = {}  # stream -> idle deadline
         self.scopes: set[trio.CancelScope] = set()
         self.draining = False
         self.on_drain: list[Callable[[], None]] = []  # e.g. close idle HTTP/2 connections
+        self._tick = tick  # the longest an idle connection outlives its deadline
+        self._wake = trio.Event()
 
     def drain(self) -> None:
         self.draining = True
@@ -147,6 +159,23 @@ class IdleSet:
             scope.cancel()
         for hook in self.on_drain:
             hook()
+        self._wake.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """End waiting connections at their deadline, and all of them when a drain begins."""
+        task_status.started()
+        waiting = self.waiting
+        while True:
+            now = trio.current_time()
+            due = [s for s, deadline in waiting.items() if deadline <= now or self.draining]
+            for stream in due:
+                del waiting[stream]
+                await trio.aclose_forcefully(stream)
+            nearest = min(waiting.values(), default=math.inf)
+            with trio.move_on_at(min(nearest, trio.current_time() + self._tick)):
+                await self._wake.wait()
+            if self._wake.is_set():
+                self._wake = trio.Event()
 
 
 async def serve_http1(
@@ -155,30 +184,29 @@ async def serve_http1(
     *,
     prefix: bytes = b"",
     idle_timeout: float,
-    idle: IdleSet | None = None,
+    idle: IdleSet,
 ) -> None:
-    """Serve requests on ``stream`` until it closes, errs, idles or drains.  Never raises for
-    peer misbehaviour; the caller closes ``stream``."""
+    """Serve requests on ``stream`` until it closes, errs, idles or drains (``idle.serve``
+    must run for the last two).  Never raises for peer misbehaviour; the caller closes
+    ``stream``."""
     ds = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
     if prefix:
         ds.receive_data(prefix)
-    idle = idle or IdleSet()
     body_stream = _ReadDeadline(stream, idle_timeout)
+    waiting = idle.waiting
     try:
         while not idle.draining:
-            ev: object = None
-            with trio.move_on_after(idle_timeout) as scope:
-                idle.scopes.add(scope)
-                try:
-                    ev = await next_event(ds, stream)
-                except h11.RemoteProtocolError as e:
-                    detail = f"malformed HTTP/1.1 request: {e}"
-                    await respond_error(ds, stream, malformed_request(detail, e.error_status_hint))
-                    return
-                finally:
-                    idle.scopes.discard(scope)
+            waiting[stream] = trio.current_time() + idle_timeout  # idle.serve may close it
+            try:
+                ev = await next_event(ds, stream)
+            except h11.RemoteProtocolError as e:
+                detail = f"malformed HTTP/1.1 request: {e}"
+                await respond_error(ds, stream, malformed_request(detail, e.error_status_hint))
+                return
+            finally:
+                waiting.pop(stream, None)
             if type(ev) is not h11.Request:
-                return  # idle timeout, ConnectionClosed
+                return  # ConnectionClosed
             head = read_request(ev.method, ev.target, ev.headers)
             if head.refusal is not None:
                 if not await respond_error(ds, stream, head.refusal):
