@@ -236,12 +236,13 @@ def measure_closed(bench: Bench, route: Route, connections: int) -> dict[str, An
 def _h2load(
     bench: Bench, route: Route, *, skip: float, duration: float, offered: float | None, **kw: Any
 ) -> tuple[loadgen.H2loadRun, Watch, list[str]]:
-    log = bench.io_file("h2load.log")
+    log = bench.io_file(f"h2load-{route.contender}.log")
     argv = loadgen.h2load_argv(route.url, duration=skip + duration, log_file=str(log), **kw)
     with Watch(bench.groups(route)) as watch:
         stdout = run_wrk(bench.lab, "h1", argv, skip + duration, route.user)
     text = log.read_text() if log.exists() else ""
-    log.unlink(missing_ok=True)
+    if not bench.args.keep:  # with --keep, the per-request logs stay in the lab's directory
+        log.unlink(missing_ok=True)
     run = loadgen.parse_h2load_log(
         text, skip_s=skip, duration_s=skip + duration, offered_rps=offered, stdout=stdout
     )
