@@ -28,7 +28,7 @@ from nodemesh import log
 from nodemesh.errors import ProxyError
 from nodemesh.protocol.http1 import ERROR_HEADER, MESH_PREFIX
 from nodemesh.transport.edges import IO_ERRORS
-from nodemesh.transport.h2conn import H2Stream, Headers, StreamError
+from nodemesh.transport.h2conn import H2Stream, Headers, StreamError, code_name
 
 CHUNK = 64 * 1024
 _log = log.get("nodemesh.h2bridge")
@@ -190,8 +190,12 @@ async def relay_streams(down: H2Stream, up: H2Stream, *, request_open: bool) -> 
         except StreamError as e:
             if status == 0 and down.failure is None:
                 await answer_error(down, e)
-            else:
-                down.reset(ERR_INTERNAL)
+            elif down.failure is None:
+                # The response broke after its head went out: only a reset can say so.  A
+                # peer's own reset passes on with its code (CANCEL stays a cancellation).
+                code = ERR_INTERNAL if e.code is None else e.code
+                _log.info("stream_reset", stream=repr(down), code=code_name(code), error=e.detail)
+                down.reset(code)
             up.reset()
         nursery.cancel_scope.cancel()
     # A response that ended before its request did: stop both request halves.

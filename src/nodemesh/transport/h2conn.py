@@ -17,13 +17,17 @@ on the peer's window the same way (``H2Stream.send_data``).
 
 Streams queue events as tuples: ("headers", hdrs), ("info", hdrs), ("data", bytes, n),
 ("trailers", hdrs), ("end",), ("reset", code), ("lost", reason).  A stream is forgotten once
-both sides have ended or it was reset.  A GOAWAY stops new streams on the connection; streams
-above the peer's last processed id are failed as *unprocessed*, which is always safe to retry.
-Peer misbehaviour (a protocol error) ends the connection with GOAWAY and never raises past
-``serve``.  Writes are shielded from the cancellation of any one stream's task: they are shared,
-and a TLS stream whose write was interrupted is unusable.  A connection that is lost for any
-reason closes its transport, so the peer sees it end.  h2's refusals to send (after any GOAWAY
-h2 refuses every write) surface as ``StreamError``.
+both sides have ended or it was reset.  A server's RST_STREAM(NO_ERROR) after its complete
+response is no failure (RFC 9113 §8.1: "stop sending the request"): the response stays readable
+and only our sending side ends; grpc-core sends one whenever it answers a unary call before the
+request's END_STREAM arrived, which relays often split from the last DATA.  A GOAWAY stops new
+streams on the connection; streams above the peer's last processed id are failed as
+*unprocessed*, which is always safe to retry.  Peer misbehaviour (a protocol error) ends the
+connection with GOAWAY and never raises past ``serve``.  Writes are shielded from the
+cancellation of any one stream's task: they are shared, and a TLS stream whose write was
+interrupted is unusable.  A connection that is lost for any reason closes its transport, so the
+peer sees it end.  h2's refusals to send (after any GOAWAY h2 refuses every write) surface as
+``StreamError``.
 
 Abuse in valid framing is bounded too, and ends the connection with ENHANCE_YOUR_CALM: peer
 resets beyond a token bucket (rapid reset: each reset stream costs a handler and an upstream
@@ -231,6 +235,12 @@ class H2Stream:
         self._inbox.send_nowait(
             ("reset", err.code) if err.code is not None else ("lost", err.detail)
         )
+
+    def _stop_sending(self) -> None:
+        """The peer ended its side, then reset with NO_ERROR: our side is over too.  Queued
+        events stay (the whole response); h2 refuses further sends (``StreamError``)."""
+        self.ended_local = True
+        self._window.set()
 
     def _wake(self) -> None:
         self._window.set()
@@ -530,16 +540,25 @@ class H2Conn:
         elif isinstance(ev, h2.events.StreamReset):
             if not self.client and ev.remote_reset:
                 self._count_reset()
-            s = self._streams.pop(ev.stream_id, None)
+            s = self._streams.get(ev.stream_id)
             if s is not None:
-                unprocessed = ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
-                s._fail(
-                    StreamError(
-                        f"peer reset the stream ({_code_name(ev.error_code)})",
-                        code=int(ev.error_code),
-                        unprocessed=unprocessed,
+                self.forget(s)
+                code = ev.error_code
+                if self.client and s.ended_remote and code == h2.errors.ErrorCodes.NO_ERROR:
+                    # RFC 9113 §8.1: the server's response was complete before our request
+                    # was, and it asks us to stop sending the request, without error (grpc-core
+                    # does so whenever it answers a unary call before the request's END_STREAM
+                    # arrives).  What it sent stays readable; only our sending side ends.
+                    s._stop_sending()
+                else:
+                    unprocessed = ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+                    s._fail(
+                        StreamError(
+                            f"peer reset the stream ({code_name(ev.error_code)})",
+                            code=int(ev.error_code),
+                            unprocessed=unprocessed,
+                        )
                     )
-                )
         elif isinstance(ev, h2.events.WindowUpdated):
             if ev.stream_id == 0:
                 for s in self._streams.values():
@@ -573,7 +592,8 @@ class H2Conn:
         try:
             await self._on_stream(stream)
         except (NodemeshError, *IO_ERRORS) as e:
-            _log.debug("h2_stream_handler_ended", conn=self.name, stream=stream.id, error=str(e))
+            if stream.failure is None:  # else the peer reset it first: nothing to say
+                _log.info("h2_stream_reset", conn=self.name, stream=stream.id, error=str(e))
             stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
         except Exception:
             _log.exception("h2_stream_handler_failed", conn=self.name, stream=stream.id)
@@ -590,7 +610,7 @@ class H2Conn:
         self._flush_needed.set()
 
 
-def _code_name(code: int) -> str:
+def code_name(code: int) -> str:
     try:
         return h2.errors.ErrorCodes(code).name
     except ValueError:
