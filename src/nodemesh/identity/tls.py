@@ -21,6 +21,10 @@ DEFAULT_ALPN = ("http/1.1",)
 def _base(purpose: ssl._SSLMethod, roots_pem: bytes, alpn: Sequence[str]) -> ssl.SSLContext:
     ctx = ssl.SSLContext(purpose)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    # A peer's connection that ends without close_notify is cut, not finished: some Python
+    # builds (Debian's 3.11.2) set this option by default, and a truncated request or response
+    # would then read as a clean end.
+    ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
     try:
         ctx.load_verify_locations(cadata=roots_pem.decode("ascii"))
     except (ssl.SSLError, ValueError, UnicodeDecodeError) as e:
