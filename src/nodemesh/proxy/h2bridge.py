@@ -135,72 +135,79 @@ async def relay_streams(down: H2Stream, up: H2Stream, *, request_open: bool) -> 
 
     Trailers travel as trailers (gRPC's status lives there); a reset on either side resets the
     other (cancellation in both directions).  Returns 0 if no response status was relayed.
+    A request without a body (its HEADERS ended it) needs no second task.
     """
-    status = 0
-
-    async with trio.open_nursery() as nursery:
-
-        async def request_body() -> None:
-            while True:
-                try:
-                    ev = await down.next_event()
-                except StreamError:
-                    # The caller cancelled: cancel the server's side too, and stop relaying.
-                    up.reset()
-                    nursery.cancel_scope.cancel()
-                    return
-                try:
-                    if ev[0] == "data":
-                        await up.send_data(ev[1])
-                    elif ev[0] == "trailers":
-                        await up.end(ev[1])
-                        return
-                    elif ev[0] == "end":
-                        await up.end()
-                        return
-                except StreamError:
-                    # The server stopped reading the request (it answered early, e.g. a gRPC
-                    # error): not a cancellation.  The response side relays what it sent.
-                    return
-
-        if request_open:
-            nursery.start_soon(request_body)
-        trailers: Headers | None = None
-        try:
-            while True:
-                ev = await up.next_event()
-                kind = ev[0]
-                if kind == "data":
-                    await down.send_data(ev[1])
-                elif kind in ("headers", "info"):
-                    pseudo, regular = split_pseudo(ev[1])
-                    code = int(pseudo.get(b":status", b"502"))
-                    if kind == "headers":
-                        status = code
-                    hdrs = [(b":status", pseudo.get(b":status", b"502")), *mesh_free(regular)]
-                    if kind == "headers" and up.head_ended:
-                        await down.send_headers(hdrs, end=True)  # trailers-only response
-                        break
-                    await down.send_headers(hdrs)
-                elif kind == "trailers":
-                    trailers = ev[1]
-                else:  # end
-                    await down.end(trailers)
-                    break
-        except StreamError as e:
-            if status == 0 and down.failure is None:
-                await answer_error(down, e)
-            elif down.failure is None:
-                # The response broke after its head went out: only a reset can say so.  A
-                # peer's own reset passes on with its code (CANCEL stays a cancellation).
-                code = ERR_INTERNAL if e.code is None else e.code
-                _log.info("stream_reset", stream=repr(down), code=code_name(code), error=e.detail)
-                down.reset(code)
-            up.reset()
-        nursery.cancel_scope.cancel()
+    if request_open:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_relay_request_body, down, up, nursery.cancel_scope)
+            status = await _relay_response(down, up)
+            nursery.cancel_scope.cancel()
+    else:
+        status = await _relay_response(down, up)
     # A response that ended before its request did: stop both request halves.
     if not up.ended_local:
         up.reset()
     if not down.ended_remote:
         down.reset(h2.errors.ErrorCodes.NO_ERROR)
+    return status
+
+
+async def _relay_request_body(down: H2Stream, up: H2Stream, relay: trio.CancelScope) -> None:
+    while True:
+        try:
+            ev = await down.next_event()
+        except StreamError:
+            # The caller cancelled: cancel the server's side too, and stop relaying.
+            up.reset()
+            relay.cancel()
+            return
+        try:
+            if ev[0] == "data":
+                await up.send_data(ev[1])
+            elif ev[0] == "trailers":
+                await up.end(ev[1])
+                return
+            elif ev[0] == "end":
+                await up.end()
+                return
+        except StreamError:
+            # The server stopped reading the request (it answered early, e.g. a gRPC
+            # error): not a cancellation.  The response side relays what it sent.
+            return
+
+
+async def _relay_response(down: H2Stream, up: H2Stream) -> int:
+    status = 0
+    trailers: Headers | None = None
+    try:
+        while True:
+            ev = await up.next_event()
+            kind = ev[0]
+            if kind == "data":
+                await down.send_data(ev[1])
+            elif kind in ("headers", "info"):
+                pseudo, regular = split_pseudo(ev[1])
+                code = int(pseudo.get(b":status", b"502"))
+                if kind == "headers":
+                    status = code
+                hdrs = [(b":status", pseudo.get(b":status", b"502")), *mesh_free(regular)]
+                if kind == "headers" and up.head_ended:
+                    await down.send_headers(hdrs, end=True)  # trailers-only response
+                    break
+                await down.send_headers(hdrs)
+            elif kind == "trailers":
+                trailers = ev[1]
+            else:  # end
+                await down.end(trailers)
+                break
+    except StreamError as e:
+        if status == 0 and down.failure is None:
+            await answer_error(down, e)
+        elif down.failure is None:
+            # The response broke after its head went out: only a reset can say so.  A
+            # peer's own reset passes on with its code (CANCEL stays a cancellation).
+            code = ERR_INTERNAL if e.code is None else e.code
+            _log.info("stream_reset", stream=repr(down), code=code_name(code), error=e.detail)
+            down.reset(code)
+        up.reset()
     return status

@@ -40,7 +40,7 @@ Empty DATA frames carry no flow-controlled bytes, so they are dropped on arrival
 from __future__ import annotations
 
 import contextlib
-import math
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -89,9 +89,9 @@ class StreamError(ProxyError):
 
 class H2Stream:
     __slots__ = (
+        "_arrived",
         "_conn",
-        "_events",
-        "_inbox",
+        "_queue",
         "_unacked",
         "_window",
         "ended_local",
@@ -104,7 +104,11 @@ class H2Stream:
     def __init__(self, conn: H2Conn, stream_id: int) -> None:
         self._conn = conn
         self.id = stream_id
-        self._inbox, self._events = trio.open_memory_channel[tuple[Any, ...]](math.inf)
+        # The reader appends, the stream's one consumer pops: a deque and an event made only
+        # when the consumer waits (a trio memory channel per stream cost ~4 us to build, and a
+        # reschedule on every receive even when an event was ready).
+        self._queue: deque[tuple[Any, ...]] = deque()
+        self._arrived: trio.Event | None = None
         self._window = trio.Event()
         self._unacked = 0
         self.ended_local = False
@@ -125,9 +129,13 @@ class H2Stream:
         if self._unacked:
             n, self._unacked = self._unacked, 0
             await self._conn.acknowledge(self.id, n)
-        if self.failure is not None and not self._events.statistics().current_buffer_used:
+        if self.failure is not None and not self._queue:
             raise self.failure  # reset locally: nothing more will ever arrive
-        ev = await self._events.receive()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self._queue:
+            self._arrived = trio.Event()
+            await self._arrived.wait()
+        ev = self._queue.popleft()
         kind = ev[0]
         if kind == "data":
             self._unacked = ev[2]
@@ -184,17 +192,21 @@ class H2Stream:
         self._release_window()
         self._conn.forget(self)
 
-    def _release_window(self) -> None:
+    def _release_window(self, *, keep_heads: bool = False) -> None:
         """Acknowledge data received but never to be read.  Until acknowledged it counts against
-        the *connection* window too: streams dropped unread would starve every later stream."""
+        the *connection* window too: streams dropped unread would starve every later stream.
+        ``keep_heads``: keep the heads that came before a peer's reset, so they reach the
+        consumer (then the reset) whether or not it was waiting for them; the body and its end
+        go, or a truncated body would read as complete."""
         n, self._unacked = self._unacked, 0
-        while True:
-            try:
-                ev = self._events.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
+        kept: deque[tuple[Any, ...]] = deque()
+        while self._queue:
+            ev = self._queue.popleft()
             if ev[0] == "data":
                 n += ev[2]
+            elif keep_heads and ev[0] in ("headers", "info"):
+                kept.append(ev)
+        self._queue = kept
         if n and self._conn.alive:
             with contextlib.suppress(h2.exceptions.H2Error):
                 self._conn.h2.acknowledge_received_data(n, self.id)
@@ -225,16 +237,19 @@ class H2Stream:
             self.ended_remote = True
             if self.ended_local:
                 self._conn.forget(self)
-        self._inbox.send_nowait(ev)
+        self._put(ev)
 
     def _fail(self, err: StreamError) -> None:
         if self.failure is None:
             self.failure = err
         self._window.set()
-        self._release_window()  # the stream is dead: what it held is never read
-        self._inbox.send_nowait(
-            ("reset", err.code) if err.code is not None else ("lost", err.detail)
-        )
+        self._release_window(keep_heads=True)  # the stream is dead: its data is never read
+        self._put(("reset", err.code) if err.code is not None else ("lost", err.detail))
+
+    def _put(self, ev: tuple[Any, ...]) -> None:
+        self._queue.append(ev)
+        if self._arrived is not None:
+            self._arrived.set()
 
     def _stop_sending(self) -> None:
         """The peer ended its side, then reset with NO_ERROR: our side is over too.  Queued
