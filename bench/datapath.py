@@ -74,6 +74,51 @@ def app(port: int, seconds: float) -> None:
                 sock.sendall(RESPONSE * heads)
 
 
+def sink(port: int, seconds: float) -> None:
+    """Each connection: read to EOF, answer ``ok <bytes>``, close (the bulk app)."""
+    lsock = socket.create_server(("127.0.0.1", port), backlog=16)
+    lsock.settimeout(seconds)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            conn, _ = lsock.accept()
+        except TimeoutError:
+            return
+        with conn:
+            n = 0
+            while data := conn.recv(1 << 20):
+                n += len(data)
+            conn.sendall(f"ok {n}\n".encode())
+
+
+def send_bulk(port: int, mib: int) -> None:
+    """``mib`` MiB on one connection, then a half-close; JSON on stdout once the sink agrees."""
+    s = socket.create_connection(("127.0.0.1", port))
+    sys.stdout.buffer.write(WARM)
+    sys.stdout.flush()
+    chunk = bytes(1 << 20)
+    start = time.perf_counter()
+    for _ in range(mib):
+        s.sendall(chunk)
+    s.shutdown(socket.SHUT_WR)
+    reply = b""
+    while data := s.recv(100):
+        reply += data
+    seconds = time.perf_counter() - start
+    ok = reply == f"ok {mib << 20}\n".encode()
+    print(
+        json.dumps(
+            {
+                "bytes": mib << 20,
+                "ok": ok,
+                "seconds": round(seconds, 3),
+                "mib_s": round(mib / seconds, 1),
+                "requests": 1,
+            }
+        )
+    )
+
+
 def client(port: int, connections: int, seconds: float) -> None:
     """``connections`` keep-alive connections, one request at a time each; JSON on stdout."""
     sel = selectors.DefaultSelector()
@@ -245,6 +290,11 @@ async def agents(args: argparse.Namespace, app_port: int) -> dict[str, object]:
         assert (host, port) == mp.APP
         return await open_tcp("127.0.0.1", app_port, timeout)
 
+    if args.bulk_mib:  # web declared tcp: the opaque path (CONNECT streams between agents)
+        from nodemesh.discovery import snapshot
+
+        for state, node in ((a, "a"), (b, "b")):
+            state.publish(snapshot.build(mp.catalog({"protocol": "tcp"}), node))
     outbound = Outbound(a, dial=dial_from_a)
     inbound = Inbound(b, dial=dial_from_b)
 
@@ -290,6 +340,7 @@ async def measure(
         profiler = cProfile.Profile() if args.profile else None
         argv = [sys.executable, __file__, "--client", str(ports["outbound"])]
         argv += ["--connections", str(args.connections), "--duration", str(args.duration)]
+        argv += ["--bulk-mib", str(args.bulk_mib)]
         proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
         assert proc.stdout is not None
         out = b""
@@ -313,6 +364,10 @@ async def measure(
     n = max(int(result["requests"]), 1)  # type: ignore[call-overload]
     user = after.ru_utime - before.ru_utime
     system = after.ru_stime - before.ru_stime
+    if "bytes" in result:
+        gib = int(result["bytes"]) / 2**30  # type: ignore[call-overload]
+        result["agents_cpu_s_per_gib"] = round((user + system) / gib, 2)
+        return result
     result["rps"] = round(n / args.duration, 1)
     result["agents_us_per_request"] = {
         "user": round(1e6 * user / n, 1),
@@ -335,16 +390,20 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--floor", action="store_true", help="the least proxies (relay) in place")
+    ap.add_argument("--bulk-mib", type=int, default=0, help="one opaque transfer of this size")
     ap.add_argument("--app", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--client", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not 1 <= args.connections <= 1000 or not 0 < args.duration <= 600:
         ap.error("need 1 <= --connections <= 1000 and 0 < --duration <= 600")
     if args.app is not None:
-        app(args.app, args.duration)
+        (sink if args.bulk_mib else app)(args.app, args.duration)
         return 0
     if args.client is not None:
-        client(args.client, args.connections, args.duration)
+        if args.bulk_mib:
+            send_bulk(args.client, args.bulk_mib)
+        else:
+            client(args.client, args.connections, args.duration)
         return 0
     import structlog
     import trio
@@ -353,7 +412,9 @@ def main() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         app_port = probe.getsockname()[1]
-    app_argv = [sys.executable, __file__, "--app", str(app_port)]
+    if args.bulk_mib and args.floor:
+        ap.error("--floor relays HTTP/1.1 only")
+    app_argv = [sys.executable, __file__, "--app", str(app_port), "--bulk-mib", str(args.bulk_mib)]
     app_proc = subprocess.Popen([*app_argv, "--duration", str(args.duration + 30)])
     try:
         deadline = time.monotonic() + 10
