@@ -66,7 +66,13 @@ async def _wait_for(
     # The controller counts a slot once it has ended: wait for the slot and the delivery.
     with trio.fail_after(40):
         while True:
-            rows = await _rows(client, pair, "service")
+            try:
+                rows = await _rows(client, pair, "service")
+            except ControllerRefused as e:
+                # A restarted controller answers 503 until its journal is replayed.
+                if e.status != 503:
+                    raise
+                rows = []
             if rows and rows[0]["requests"] == requests:
                 return rows[0]
             await trio.sleep(0.5)
