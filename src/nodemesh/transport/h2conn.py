@@ -71,6 +71,19 @@ MAX_QUEUED_ACKS = 10_000  # PING/SETTINGS ACKs not yet written; Go's http2 serve
 PEER_STREAMS_BEFORE_SETTINGS = 100  # RFC 9113 §6.5.2's recommended minimum; Go assumes it too
 
 Headers = list[tuple[bytes, bytes]]
+
+
+def _short_data_repr(frame: hyperframe.frame.DataFrame) -> str:
+    head = frame.data[:10]
+    more = "..." if len(frame.data) > 10 else ""
+    return f"<hex:{head.hex()}{more}>" if frame.data else "None"
+
+
+# h2 formats ``repr(frame)`` for a trace log line on every frame it receives, whether or not
+# anything logs it, and hyperframe's DataFrame repr copies and hex-dumps the whole payload
+# before keeping 20 characters: 12% of an opaque transfer's CPU (docs/benchmarks.md).  The
+# same text from the first 10 bytes only.
+hyperframe.frame.DataFrame._body_repr = _short_data_repr  # type: ignore[method-assign]
 StreamHandler = Callable[["H2Stream"], Awaitable[None]]
 _log = log.get("nodemesh.h2")
 
