@@ -83,7 +83,7 @@ def _short_data_repr(frame: hyperframe.frame.DataFrame) -> str:
 # anything logs it, and hyperframe's DataFrame repr copies and hex-dumps the whole payload
 # before keeping 20 characters: 12% of an opaque transfer's CPU (docs/benchmarks.md).  The
 # same text from the first 10 bytes only.
-hyperframe.frame.DataFrame._body_repr = _short_data_repr  # type: ignore[method-assign]
+hyperframe.frame.DataFrame._body_repr = _short_data_repr  # type: ignore[method-assign,assignment]
 StreamHandler = Callable[["H2Stream"], Awaitable[None]]
 _log = log.get("nodemesh.h2")
 
