@@ -71,6 +71,8 @@ MAX_QUEUED_ACKS = 10_000  # PING/SETTINGS ACKs not yet written; Go's http2 serve
 PEER_STREAMS_BEFORE_SETTINGS = 100  # RFC 9113 §6.5.2's recommended minimum; Go assumes it too
 
 Headers = list[tuple[bytes, bytes]]
+StreamHandler = Callable[["H2Stream"], Awaitable[None]]
+_log = log.get("nodemesh.h2")
 
 
 def _short_data_repr(frame: hyperframe.frame.DataFrame) -> str:
@@ -84,8 +86,6 @@ def _short_data_repr(frame: hyperframe.frame.DataFrame) -> str:
 # before keeping 20 characters: 12% of an opaque transfer's CPU (docs/benchmarks.md).  The
 # same text from the first 10 bytes only.
 hyperframe.frame.DataFrame._body_repr = _short_data_repr  # type: ignore[method-assign,assignment]
-StreamHandler = Callable[["H2Stream"], Awaitable[None]]
-_log = log.get("nodemesh.h2")
 
 
 class StreamError(ProxyError):
