@@ -5,6 +5,7 @@ Exit codes: 0 ok, 1 runtime failure (one line on stderr), 64 bad config or usage
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -14,12 +15,37 @@ from nodemesh import __version__
 from nodemesh.config import load_agent_config
 from nodemesh.errors import ConfigError
 
+# Commands defined next to the code they drive, imported only when named (or for --help): the
+# agent, a long-running daemon, then never loads the controller, the lab, top or check
+# (2.6 MiB of RSS; bench/memory_floor.py).  Listing order as written: the commands operators
+# reach for first.
+_LAZY = {
+    "stat": "nodemesh.telemetry.commands:stat",
+    "top": "nodemesh.top.cli:top",
+    "check": "nodemesh.check.cli:check",
+    "edges": "nodemesh.telemetry.commands:edges",
+    "routes": "nodemesh.telemetry.routes_cli:routes_cmd",
+    "controller": "nodemesh.controller.cli:controller",
+    "iptables": "nodemesh.agent.iptables:iptables_cli",
+    "ca": "nodemesh.controller.cli:ca",
+    "demo": "nodemesh.lab.demo:demo",
+}
+
 
 class _Group(click.Group):
-    """Listing order as written, not alphabetical: the commands operators reach for first."""
-
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(self.commands)
+        return [*self.commands, *_LAZY]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands:
+            return self.commands[cmd_name]
+        target = _LAZY.get(cmd_name)
+        if target is None:
+            return None
+        module, _, attr = target.partition(":")
+        cmd = getattr(importlib.import_module(module), attr)
+        assert isinstance(cmd, click.Command), target
+        return cmd
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,23 +79,3 @@ def agent(config_path: Path) -> None:
 def version() -> None:
     """Print the version."""
     click.echo(f"nodemesh {__version__}")
-
-
-# Commands defined next to the code they drive.
-from nodemesh.agent.iptables import iptables_cli  # noqa: E402
-from nodemesh.check.cli import check  # noqa: E402
-from nodemesh.controller.cli import ca, controller  # noqa: E402
-from nodemesh.lab.demo import demo  # noqa: E402
-from nodemesh.telemetry.commands import edges, stat  # noqa: E402
-from nodemesh.telemetry.routes_cli import routes_cmd  # noqa: E402
-from nodemesh.top.cli import top  # noqa: E402
-
-main.add_command(stat, "stat")
-main.add_command(top, "top")
-main.add_command(check, "check")
-main.add_command(edges, "edges")
-main.add_command(routes_cmd, "routes")
-main.add_command(controller, "controller")
-main.add_command(iptables_cli, "iptables")
-main.add_command(ca, "ca")
-main.add_command(demo, "demo")
