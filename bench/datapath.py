@@ -1,6 +1,7 @@
 """The agents' own cost per request, in one process, without root, Consul or namespaces.
 
     .venv/bin/python bench/datapath.py [--connections 16] [--duration 5] [--profile]
+    .venv/bin/python bench/datapath.py --floor [http|l4]    # the least a hop can do, in place
 
 Both agents' production data paths (``Outbound`` on "a", ``Inbound`` on "b", the component
 tests' mesh pair: real certificates from a real CA, real pools, balancer and recorder) run in
@@ -228,8 +229,18 @@ async def relay(down: Any, up: Any) -> None:
         return
 
 
+async def copy_l4(down: Any, up: Any) -> None:
+    """Below the floor: no HTTP at all, bytes copied both ways as they come (an L4 proxy such
+    as Consul's built-in one), with the same streams and mTLS.  What is left is trio's
+    scheduling, the socket calls and TLS: the part of an agent's cost no HTTP codec changes."""
+    from nodemesh.proxy.splice import splice
+
+    await splice(down, up)
+
+
 async def floor(args: argparse.Namespace, app_port: int) -> dict[str, object]:
-    """``relay`` in place of each agent: app conn -> relay -> mTLS -> relay -> app, 1:1."""
+    """``relay`` (or ``copy_l4``) in place of each agent: app conn -> relay -> mTLS -> relay ->
+    app, 1:1."""
     import trio
 
     sys.path.insert(0, str(HERE.parent))
@@ -244,13 +255,14 @@ async def floor(args: argparse.Namespace, app_port: int) -> dict[str, object]:
     client_ctx = a.identities.client_context(None, http1=True)
     server_ctx = b.identities.server_context()
     ports: dict[str, int] = {}
+    hop = copy_l4 if args.floor == "l4" else relay
 
     async def outbound(stream: trio.SocketStream) -> None:
         down = SocketIO.adopt(stream)
         raw = await open_tcp("127.0.0.1", ports["inbound"], 5.0)
         up = await open_tls(raw, client_ctx, spiffe.server_name(mp.WEB), 5.0)
         try:
-            await relay(down, up)
+            await hop(down, up)
         finally:
             down.close()
             await up.aclose()
@@ -259,7 +271,7 @@ async def floor(args: argparse.Namespace, app_port: int) -> dict[str, object]:
         down = await accept_tls(SocketIO.adopt(stream), server_ctx, 5.0)
         up = await open_tcp("127.0.0.1", app_port, 5.0)
         try:
-            await relay(down, up)
+            await hop(down, up)
         finally:
             up.close()
             await down.aclose()
@@ -389,7 +401,13 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--floor", action="store_true", help="the least proxies (relay) in place")
+    ap.add_argument(
+        "--floor",
+        nargs="?",
+        const="http",
+        choices=("http", "l4"),
+        help="the least proxies in place: an h11 relay (http, the default), or bytes copied (l4)",
+    )
     ap.add_argument("--bulk-mib", type=int, default=0, help="one opaque transfer of this size")
     ap.add_argument("--app", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--client", type=int, help=argparse.SUPPRESS)
@@ -413,7 +431,7 @@ def main() -> int:
         probe.bind(("127.0.0.1", 0))
         app_port = probe.getsockname()[1]
     if args.bulk_mib and args.floor:
-        ap.error("--floor relays HTTP/1.1 only")
+        ap.error("--floor relays HTTP/1.1 requests only")
     app_argv = [sys.executable, __file__, "--app", str(app_port), "--bulk-mib", str(args.bulk_mib)]
     app_proc = subprocess.Popen([*app_argv, "--duration", str(args.duration + 30)])
     try:
