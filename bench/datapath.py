@@ -229,22 +229,18 @@ async def relay(down: Any, up: Any) -> None:
         return
 
 
-async def copy_l4(down: Any, up: Any) -> None:
-    """Below the floor: no HTTP at all, bytes copied both ways as they come (an L4 proxy such
-    as Consul's built-in one), with the same streams and mTLS.  What is left is trio's
-    scheduling, the socket calls and TLS: the part of an agent's cost no HTTP codec changes."""
-    from nodemesh.proxy.splice import splice
-
-    await splice(down, up)
-
-
 async def floor(args: argparse.Namespace, app_port: int) -> dict[str, object]:
-    """``relay`` (or ``copy_l4``) in place of each agent: app conn -> relay -> mTLS -> relay ->
-    app, 1:1."""
+    """``relay`` in place of each agent: app conn -> relay -> mTLS -> relay -> app, 1:1.
+
+    ``--floor l4`` puts nodemesh's opaque ``splice`` there instead: no HTTP at all, bytes copied
+    both ways as they come (an L4 proxy such as Consul's built-in one), with the same streams
+    and mTLS.  What is left is trio's scheduling, the socket calls and TLS: the part of an
+    agent's cost no HTTP codec changes."""
     import trio
 
     sys.path.insert(0, str(HERE.parent))
     from nodemesh.identity import spiffe
+    from nodemesh.proxy.splice import splice
     from nodemesh.transport.edges import accept_tls, open_tcp, open_tls
     from nodemesh.transport.streams import SocketIO
     from tests.component import meshpair as mp
@@ -255,7 +251,7 @@ async def floor(args: argparse.Namespace, app_port: int) -> dict[str, object]:
     client_ctx = a.identities.client_context(None, http1=True)
     server_ctx = b.identities.server_context()
     ports: dict[str, int] = {}
-    hop = copy_l4 if args.floor == "l4" else relay
+    hop = splice if args.floor == "l4" else relay
 
     async def outbound(stream: trio.SocketStream) -> None:
         down = SocketIO.adopt(stream)
