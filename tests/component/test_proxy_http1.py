@@ -23,6 +23,7 @@ import trio
 import trio.testing
 
 from nodemesh.errors import NoEndpoints, ProxyError, UpstreamConnectError, UpstreamTimeout
+from nodemesh.protocol.h1codec import Request, ServerConn
 from nodemesh.protocol.http1 import CLIENT_ID_HEADER, DST_HEADER, ERROR_HEADER, RequestHead
 from nodemesh.proxy.http1 import MAX_HEADER_BYTES, IdleSet, serve_http1
 from nodemesh.proxy.pool import Pool, Upstream
@@ -200,7 +201,7 @@ class Route:
         return Upstream(key, Resetting(ours) if self.resetting else ours)
 
     async def open(
-        self, req: h11.Request, head: RequestHead, *, fresh: bool
+        self, req: Request, head: RequestHead, *, fresh: bool
     ) -> tuple[Upstream, list[tuple[bytes, bytes]]]:
         self.opens.append(fresh)
         if self.open_error is not None:
@@ -216,7 +217,7 @@ class Route:
         else:
             await self.pool.release(up)
 
-    def record(self, req: h11.Request, status: int, elapsed: float) -> None:
+    def record(self, req: Request, status: int, elapsed: float) -> None:
         assert elapsed >= 0
         self.recorded.append((req.method, status))
         self.changes.notify()
@@ -1019,9 +1020,9 @@ class TunnelRoute(Route):
         super().__init__(app, nursery, resetting=resetting)
         self.tunnelled: list[bytes] = []
 
-    async def tunnel(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> None:
+    async def tunnel(self, ds: ServerConn, stream: trio.abc.Stream, req: Request) -> None:
         self.tunnelled.append(req.target)
-        await stream.send_all(ds.send(h11.Response(status_code=200, headers=[])))
+        await stream.send_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         await stream.send_all(b"raw bytes now")
 
 
@@ -1071,11 +1072,11 @@ class UpgradeRoute:
     def __init__(self) -> None:
         self.handed: list[tuple[bytes, bytes, bytes]] = []
 
-    async def open(self, req: h11.Request, head: RequestHead, *, fresh: bool) -> object:
+    async def open(self, req: Request, head: RequestHead, *, fresh: bool) -> object:
         raise AssertionError("an upgrade request must not be forwarded as a plain request")
 
-    async def upgrade(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> None:
-        self.handed.append((req.method, req.target, ds.trailing_data[0]))
+    async def upgrade(self, ds: ServerConn, stream: trio.abc.Stream, req: Request) -> None:
+        self.handed.append((req.method, req.target, ds.trailing_data))
         await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
 
     tunnel = upgrade

@@ -1,14 +1,14 @@
-"""Upstream pool bookkeeping with a fake clock, on real h11 connections over memory streams."""
+"""Upstream pool bookkeeping with a fake clock, on real client codecs over memory streams."""
 
 from __future__ import annotations
 
 from collections.abc import Hashable
 
-import h11
 import pytest
 import trio
 import trio.testing
 
+from nodemesh.protocol.h1codec import NEED_DATA, NO_BODY, EndOfMessage, Response
 from nodemesh.proxy.pool import Pool, Upstream
 
 IDLE = 60.0
@@ -23,17 +23,17 @@ class Clock:
 
 
 def upstream(key: Hashable = "web", *, response: bytes | None = None) -> Upstream:
-    """An Upstream whose h11 client has finished one exchange (DONE/DONE) unless told otherwise."""
+    """An Upstream whose client codec has finished one exchange unless told otherwise."""
     ours, _theirs = trio.testing.memory_stream_pair()
     up = Upstream(key, ours)
-    up.conn.send(h11.Request(method="GET", target="/", headers=[("host", "web")]))
-    up.conn.send(h11.EndOfMessage())
+    up.conn.send_request(b"GET", b"/", [(b"host", b"web")], NO_BODY)
+    up.conn.send_end()
     data = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok" if response is None else response
     if not data:
         return up  # still waiting for the answer (an empty receive_data would mean EOF)
     up.conn.receive_data(data)
-    while up.conn.next_event() not in (h11.NEED_DATA, h11.PAUSED):
-        if up.conn.their_state is h11.DONE:
+    for _ in range(10):
+        if up.conn.next_event() is NEED_DATA or up.conn.response_done:
             break
     return up
 
@@ -48,7 +48,9 @@ def pool(clock: Clock, max_idle: int = 4) -> Pool:
 def test_finished_exchange_is_reusable() -> None:
     up = upstream(("198.18.0.2", 4143))
     assert up.reusable
-    assert repr(up) == "<Upstream ('198.18.0.2', 4143) DONE/DONE>"
+    assert repr(up) == (
+        "<Upstream ('198.18.0.2', 4143) <ClientConn request_done=True response_done=True>>"
+    )
 
 
 def test_checkout_of_an_empty_pool() -> None:
@@ -63,14 +65,13 @@ def test_checkin_then_checkout_reuses_the_connection() -> None:
     up = upstream()
     assert p.checkin(up)
     assert up.last_used == clock.now
-    assert (up.conn.our_state, up.conn.their_state) == (h11.IDLE, h11.IDLE)  # next cycle
     assert p.idle_count() == 1
     clock.now += IDLE - 0.001
     got, stale = p.checkout("web")
     assert got is up
     assert stale == []
     assert up.reused
-    assert repr(up) == "<Upstream web IDLE/IDLE reused>"
+    assert repr(up) == "<Upstream web <ClientConn request_done=True response_done=True> reused>"
     assert p.idle_count() == 0
     assert p.checkout("web") == (None, [])
 
@@ -196,11 +197,11 @@ class Dialer:
 
 
 def finish(up: Upstream) -> Upstream:
-    up.conn.send(h11.Request(method="GET", target="/", headers=[("host", "web")]))
-    up.conn.send(h11.EndOfMessage())
+    up.conn.send_request(b"GET", b"/", [(b"host", b"web")], NO_BODY)
+    up.conn.send_end()
     up.conn.receive_data(b"HTTP/1.1 204 No Content\r\n\r\n")
-    assert isinstance(up.conn.next_event(), h11.Response)
-    assert isinstance(up.conn.next_event(), h11.EndOfMessage)
+    assert isinstance(up.conn.next_event(), Response)
+    assert isinstance(up.conn.next_event(), EndOfMessage)
     return up
 
 
@@ -228,7 +229,7 @@ async def test_release_closes_what_cannot_be_pooled() -> None:
     dial = Dialer()
     p = Pool(dial, max_idle_per_key=1, idle_timeout=IDLE, clock=trio.current_time)
     half = await p.acquire("web")
-    half.conn.send(h11.Request(method="GET", target="/", headers=[("host", "web")]))
+    half.conn.send_request(b"GET", b"/", [(b"host", b"web")], NO_BODY)
     await p.release(half)
     assert await closed(dial.far[0])
     a, b = await p.acquire("web"), await p.acquire("web")

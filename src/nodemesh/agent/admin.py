@@ -11,12 +11,12 @@ import json
 import time
 from collections.abc import Callable
 
-import h11
 import trio
 
 from nodemesh import __version__
 from nodemesh.agent.state import AgentState
 from nodemesh.errors import malformed_request
+from nodemesh.protocol.h1codec import LENGTH, ProtocolError, Request, Response, ServerConn
 from nodemesh.proxy.http1 import next_event, respond_error
 from nodemesh.telemetry import prometheus
 from nodemesh.transport.edges import downstream_errors
@@ -101,17 +101,19 @@ class Admin:
         self.routes = _routes(agent)
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+        conn = ServerConn()
         while True:
             ev: object = None
             with trio.move_on_after(IDLE_TIMEOUT):
                 try:
                     ev = await next_event(conn, stream)
-                except h11.RemoteProtocolError as e:
+                    while type(ev) is Request and not conn.request_done:
+                        await next_event(conn, stream)  # discard any request body
+                except ProtocolError as e:
                     err = malformed_request(f"malformed request: {e}", e.error_status_hint)
                     await respond_error(conn, stream, err)
                     return
-            if not isinstance(ev, h11.Request):
+            if type(ev) is not Request or not conn.request_done:
                 return
             path = ev.target.split(b"?", 1)[0]
             fn = self.routes.get(path)
@@ -121,17 +123,11 @@ class Admin:
                 status, ctype, body = 404, b"text/plain", b"not found; try /live /ready /metrics\n"
             else:
                 status, ctype, body = fn()
-            while not isinstance(
-                await next_event(conn, stream), h11.EndOfMessage
-            ):
-                pass  # discard any request body
             headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
-            out = conn.send(h11.Response(status_code=status, headers=headers))
-            if ev.method == b"GET":
-                out += conn.send(h11.Data(data=body))
-            out += conn.send(h11.EndOfMessage())
+            out = conn.send_response(Response(status, [], framing=LENGTH), headers)
+            out += conn.send_data(body) + conn.send_end()
             with downstream_errors():
                 await stream.send_all(out)
-            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            if not conn.reusable:
                 return
             conn.start_next_cycle()

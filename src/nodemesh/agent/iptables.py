@@ -57,7 +57,15 @@ JUMP_COMMENT = "nodemesh: send outbound TCP through the nodemesh agent"
 # in a namespace that had none, packets of connections opened before it (the operator's ssh
 # session, ansible's) are seen as NEW mid-stream and would otherwise be redirected and stall.
 JUMP_RULE: tuple[str, ...] = (
-    "-p", "tcp", "--syn", "-m", "comment", "--comment", JUMP_COMMENT, "-j", CHAIN,
+    "-p",
+    "tcp",
+    "--syn",
+    "-m",
+    "comment",
+    "--comment",
+    JUMP_COMMENT,
+    "-j",
+    CHAIN,
 )
 
 _log = log.get(__name__)
@@ -126,23 +134,41 @@ def _unique(items: Iterable[str | int]) -> list[str]:
 def rules(plan: InterceptionPlan) -> list[list[str]]:
     """The ``NODEMESH_OUTPUT`` rules for the nat table, in order, as iptables arguments."""
     out = [
-        _rule("-m", "owner", "--uid-owner", str(plan.proxy_uid), "-j", "RETURN",
-              why=f"skip the agent uid {plan.proxy_uid} so it never loops into itself"),
+        _rule(
+            "-m",
+            "owner",
+            "--uid-owner",
+            str(plan.proxy_uid),
+            "-j",
+            "RETURN",
+            why=f"skip the agent uid {plan.proxy_uid} so it never loops into itself",
+        ),
         _rule("-o", "lo", "-j", "RETURN", why="skip traffic to local addresses"),
         _rule("-d", "127.0.0.0/8", "-j", "RETURN", why="skip loopback"),
     ]
     for port in _unique(plan.consul_ports):
-        out.append(_rule("-p", "tcp", "--dport", port, "-j", "RETURN",
-                         why=f"skip Consul port {port}"))
+        out.append(
+            _rule("-p", "tcp", "--dport", port, "-j", "RETURN", why=f"skip Consul port {port}")
+        )
     for port in _unique(plan.exclude_ports):
-        out.append(_rule("-p", "tcp", "--dport", port, "-j", "RETURN",
-                         why=f"skip excluded port {port}"))
+        out.append(
+            _rule("-p", "tcp", "--dport", port, "-j", "RETURN", why=f"skip excluded port {port}")
+        )
     # Only IPv4 is intercepted (this is the IPv4 table), so an IPv6 exclusion already holds.
     v4 = (ipaddress.ip_network(c, strict=False) for c in plan.exclude_cidrs)
     for cidr in _unique(str(n) for n in v4 if n.version == 4):
         out.append(_rule("-d", cidr, "-j", "RETURN", why=f"skip excluded CIDR {cidr}"))
-    out.append(_rule("-p", "tcp", "-j", "REDIRECT", "--to-ports", str(plan.outbound_port),
-                     why=f"redirect outbound TCP to the agent on port {plan.outbound_port}"))
+    out.append(
+        _rule(
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            str(plan.outbound_port),
+            why=f"redirect outbound TCP to the agent on port {plan.outbound_port}",
+        )
+    )
     return out
 
 
@@ -213,8 +239,9 @@ def _jump_deletions(jump_lines: Iterable[str]) -> list[list[str]]:
 def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run one iptables binary; map the failures every caller shares to InterceptionError."""
     try:
-        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True,
-                              timeout=RUN_TIMEOUT, check=False)
+        proc = subprocess.run(
+            argv, input=stdin, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
+        )
     except FileNotFoundError:
         raise InterceptionError(
             f"{argv[0]} not found; install the iptables package (apt-get install iptables)"
@@ -225,8 +252,9 @@ def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedP
             " holds the xtables lock"
         ) from None
     err = proc.stderr.lower()
-    if proc.returncode != 0 and any(s in err for s in (
-            "permission denied", "must be root", "operation not permitted")):
+    if proc.returncode != 0 and any(
+        s in err for s in ("permission denied", "must be root", "operation not permitted")
+    ):
         raise InterceptionError(
             f"{argv[0]} needs CAP_NET_ADMIN; run the agent as root or grant the capability"
         )
@@ -266,9 +294,14 @@ def install(plan: InterceptionPlan, *, iptables: str = IPTABLES) -> None:
             _check(_nat(iptables, *cmd))
         _check(_nat(iptables, "-I", "OUTPUT", "1", *JUMP_RULE))
     st = status(iptables=iptables)
-    _log.info("interception_installed", chain=CHAIN, rules=st.rule_count,
-              jump_position=st.jump_position, outbound_port=plan.outbound_port,
-              proxy_uid=plan.proxy_uid)
+    _log.info(
+        "interception_installed",
+        chain=CHAIN,
+        rules=st.rule_count,
+        jump_position=st.jump_position,
+        outbound_port=plan.outbound_port,
+        proxy_uid=plan.proxy_uid,
+    )
 
 
 def remove(*, iptables: str = IPTABLES) -> bool:
@@ -314,14 +347,19 @@ def show_cmd(fmt: str) -> None:
     st = parse_status(save)
     lines = nodemesh_lines(save)
     if fmt == "json":
-        click.echo(json.dumps({**dataclasses.asdict(st), "installed": st.installed,
-                               "rules": lines}, indent=2))
+        click.echo(
+            json.dumps(
+                {**dataclasses.asdict(st), "installed": st.installed, "rules": lines}, indent=2
+            )
+        )
         return
     for ln in lines:
         click.echo(ln)
     state = "installed" if st.installed else ("partial" if lines else "not installed")
-    click.echo(f"# interception {state}: {st.rule_count} rules, jump at OUTPUT position "
-               f"{st.jump_position if st.jump_position is not None else '-'}")
+    click.echo(
+        f"# interception {state}: {st.rule_count} rules, jump at OUTPUT position "
+        f"{st.jump_position if st.jump_position is not None else '-'}"
+    )
 
 
 @iptables_cli.command("remove")
@@ -339,19 +377,39 @@ def remove_cmd() -> None:
 
 
 @iptables_cli.command("install")
-@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-              default=None, help="Take every value from this agent config (the systemd way).")
-@click.option("--user", default="nodemesh", show_default=True,
-              help="With --config and no agent.proxy_uid: the agent's user, never redirected.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Take every value from this agent config (the systemd way).",
+)
+@click.option(
+    "--user",
+    default="nodemesh",
+    show_default=True,
+    help="With --config and no agent.proxy_uid: the agent's user, never redirected.",
+)
 @click.option("--proxy-uid", type=int, default=None, help="uid of the agent (never redirected)")
 @click.option("--outbound-port", type=int, default=DEFAULT_OUTBOUND_PORT, show_default=True)
-@click.option("--consul-port", "consul_ports", type=int, multiple=True,
-              help=f"never redirected [default: {' '.join(map(str, DEFAULT_CONSUL_PORTS))}]")
+@click.option(
+    "--consul-port",
+    "consul_ports",
+    type=int,
+    multiple=True,
+    help=f"never redirected [default: {' '.join(map(str, DEFAULT_CONSUL_PORTS))}]",
+)
 @click.option("--exclude-port", "exclude_ports", type=int, multiple=True)
 @click.option("--exclude-cidr", "exclude_cidrs", multiple=True)
-def install_cmd(config_path: Path | None, user: str, proxy_uid: int | None, outbound_port: int,
-                consul_ports: tuple[int, ...], exclude_ports: tuple[int, ...],
-                exclude_cidrs: tuple[str, ...]) -> None:
+def install_cmd(
+    config_path: Path | None,
+    user: str,
+    proxy_uid: int | None,
+    outbound_port: int,
+    consul_ports: tuple[int, ...],
+    exclude_ports: tuple[int, ...],
+    exclude_cidrs: tuple[str, ...],
+) -> None:
     """Install the rules idempotently (for a privileged helper step)."""
     try:
         if config_path is not None:
@@ -359,8 +417,13 @@ def install_cmd(config_path: Path | None, user: str, proxy_uid: int | None, outb
         elif proxy_uid is None:
             raise click.UsageError("give --config with the agent's config, or --proxy-uid")
         else:
-            plan = InterceptionPlan(proxy_uid, outbound_port, consul_ports or DEFAULT_CONSUL_PORTS,
-                                    exclude_ports, exclude_cidrs)
+            plan = InterceptionPlan(
+                proxy_uid,
+                outbound_port,
+                consul_ports or DEFAULT_CONSUL_PORTS,
+                exclude_ports,
+                exclude_cidrs,
+            )
         install(plan)
         click.echo(show(), nl=False)
     except InterceptionError as e:
@@ -380,8 +443,9 @@ def plan_from_config(cfg: AgentConfig, user: str) -> InterceptionPlan:
             raise ConfigError(
                 f"user {user!r} does not exist; create the agent's user or set agent.proxy_uid"
             ) from None
-    return InterceptionPlan(uid, cfg.outbound_addr[1], cfg.consul_ports, cfg.exclude_ports,
-                            cfg.exclude_cidrs)
+    return InterceptionPlan(
+        uid, cfg.outbound_addr[1], cfg.consul_ports, cfg.exclude_ports, cfg.exclude_cidrs
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import time
 from collections.abc import Hashable
 from typing import cast
 
-import h11
 import trio
 
 from nodemesh import log
@@ -31,6 +30,7 @@ from nodemesh.errors import BadRequest, Forbidden, ProxyError
 from nodemesh.identity.spiffe import SpiffeId
 from nodemesh.identity.tls import peer_identity
 from nodemesh.outbound.mux import MeshPool
+from nodemesh.protocol.h1codec import Request
 from nodemesh.protocol.http1 import CLIENT_ID_HEADER, DST_HEADER, Headers, RequestHead, header
 from nodemesh.proxy.h2bridge import (
     PROTO_HEADER,
@@ -191,15 +191,15 @@ class InboundRoute:
         return host, int(port)
 
     async def open(
-        self, req: h11.Request, head: RequestHead, *, fresh: bool
+        self, req: Request, head: RequestHead, *, fresh: bool
     ) -> tuple[Upstream, Headers]:
         up = await self._in.pool.acquire(self.target_of(head.dst), fresh=fresh)
         return up, self._extra
 
     async def release(self, up: Upstream, *, failed: bool, rtt: float) -> None:
-        await self._in.pool.release(up)  # kept only if h11 says the exchange ended cleanly
+        await self._in.pool.release(up)  # kept only if the exchange ended cleanly
 
-    def record(self, req: h11.Request, status: int, elapsed: float) -> None:
+    def record(self, req: Request, status: int, elapsed: float) -> None:
         agent = self._in.agent
         route = classify(agent.routes, self.service, req.method, req.target)
         agent.recorder.request("inbound", self.service, self._client.uri, status, elapsed, route)

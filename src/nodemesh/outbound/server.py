@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable, Hashable
 from functools import partial
 from typing import cast
 
-import h11
 import trio
 
 from nodemesh import log
@@ -40,6 +39,7 @@ from nodemesh.identity import spiffe
 from nodemesh.identity.tls import peer_identity
 from nodemesh.outbound.mux import MeshPool
 from nodemesh.protocol.detect import MAX_PEEK, Protocol, detect
+from nodemesh.protocol.h1codec import Request, ServerConn, request_head
 from nodemesh.protocol.http1 import DST_HEADER, ERROR_HEADER, Headers, RequestHead
 from nodemesh.proxy.h2bridge import (
     PROTO_HEADER,
@@ -323,7 +323,7 @@ class OutboundRoute:
         self._host = ""  # the node that served the last exchange, until it is recorded
 
     async def open(
-        self, req: h11.Request, head: RequestHead, *, fresh: bool
+        self, req: Request, head: RequestHead, *, fresh: bool
     ) -> tuple[Upstream, Headers]:
         # A connection that could not be opened carried no request byte, so trying another
         # endpoint is always safe (any method).  The failed one is penalised in the balancer.
@@ -345,7 +345,7 @@ class OutboundRoute:
 
     async def release(self, up: Upstream, *, failed: bool, rtt: float) -> None:
         self.done(failed=failed, rtt=rtt)
-        await self._out.pool.release(up)  # kept only if h11 says the exchange ended cleanly
+        await self._out.pool.release(up)  # kept only if the exchange ended cleanly
 
     async def open_stream(self, head: Headers, *, end: bool) -> H2Stream:
         # A stream that could not be opened carried no request byte, so trying another
@@ -367,17 +367,15 @@ class OutboundRoute:
             return stream
         raise AssertionError("unreachable")
 
-    async def tunnel(self, ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request) -> None:
+    async def tunnel(self, ds: ServerConn, stream: trio.abc.Stream, req: Request) -> None:
         """An upgrade (WebSocket) or the app's own CONNECT: from here on, bytes.
 
         The request head goes to one balanced instance through a CONNECT stream exactly as the
         app wrote it (hop-by-hop headers included: they are the point), then both directions
         are spliced; the server's 101 and everything after reach the app untouched."""
-        head = h11.Connection(h11.CLIENT).send(
-            h11.Request(method=req.method, target=req.target, headers=mesh_free(list(req.headers)))
-        )
+        head = request_head(req.method, req.target, mesh_free(req.headers))
         await self._out.carry(
-            stream, self.service, head + ds.trailing_data[0], partial(respond_error, ds, stream)
+            stream, self.service, head + ds.trailing_data, partial(respond_error, ds, stream)
         )
 
     upgrade = tunnel
@@ -390,7 +388,7 @@ class OutboundRoute:
 
     def record(
         self,
-        req: h11.Request | None,
+        req: Request | None,
         status: int,
         elapsed: float,
         pseudo: dict[bytes, bytes] | None = None,

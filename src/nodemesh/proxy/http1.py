@@ -1,25 +1,25 @@
-"""HTTP/1.1 forwarding with h11: the one forwarder, for both directions.
+"""HTTP/1.1 forwarding: the one forwarder, for both directions.
 
 Theory of operation
 -------------------
-``serve_http1`` reads requests from a downstream connection with an h11 server state machine:
-an app's connection on the outbound side, a peer agent's mTLS connection on the inbound side.
-For each request a ``Route`` (outbound: a balanced endpoint's agent over pooled mTLS; inbound:
-the local app over pooled TCP; the same anatomy) lends an upstream connection, which speaks
-h11 as a client.  ``forward`` then moves one exchange:
+``serve_http1`` reads requests from a downstream connection with a ``ServerConn``
+(``protocol/h1codec.py``: llhttp parses, this module never does): an app's connection on the
+outbound side, a peer agent's mTLS connection on the inbound side.  For each request a ``Route``
+(outbound: a balanced endpoint's agent over pooled mTLS; inbound: the local app over pooled TCP;
+the same anatomy) lends an upstream connection, which speaks through a ``ClientConn``.
+``forward`` then moves one exchange:
 
 1. the request head, and as much of its body as has already arrived, go upstream in **one
    write**; a request that is complete by then (every GET, most small POSTs) needs no other
    task: the response is relayed by the same task;
 2. a body still arriving is sent by a second task while this one relays the response, so an
    early answer (a 413, a 100 Continue) reaches the client without waiting for the body;
-3. the response is relayed event by event, and written downstream whenever h11 needs more
-   bytes from upstream, so a response that arrived in one read leaves in **one write**, and a
-   streamed one is never held back.
+3. the response is relayed event by event, and written downstream whenever the codec needs
+   more bytes from upstream, so a response that arrived in one read leaves in **one write**,
+   and a streamed one is never held back.
 
-No event is copied: h11's parsed ``Data`` and ``EndOfMessage`` are handed to the other side's
-state machine as they are, and heads that h11 already validated are rebuilt with ``_parsed``
-(h11's own shortcut for headers that came out of its parser) instead of being validated again.
+No body byte is copied or re-parsed: a parsed ``Data`` goes out as it is (or as one chunk), and
+heads that llhttp already validated are written on from their parsed pieces.
 
 Failure rules (the rescue):
 * nothing sent downstream yet → answer with the error's status and an ``x-nodemesh-error``
@@ -35,14 +35,12 @@ connection, as HTTP/1.1 requires.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Protocol
 
-import h11
 import trio
 
 from nodemesh.errors import (
@@ -54,6 +52,16 @@ from nodemesh.errors import (
     UpstreamClosed,
     UpstreamProtocolError,
     malformed_request,
+)
+from nodemesh.protocol.h1codec import (
+    NEED_DATA,
+    ClientConn,
+    Data,
+    EndOfMessage,
+    ProtocolError,
+    Request,
+    Response,
+    ServerConn,
 )
 from nodemesh.protocol.http1 import (
     ERROR_HEADER,
@@ -67,7 +75,7 @@ from nodemesh.protocol.http1 import (
 from nodemesh.proxy.pool import Upstream
 from nodemesh.transport.edges import IO_ERRORS, describe, downstream_errors
 
-MAX_HEADER_BYTES = MAX_HEAD_BYTES  # request/response head limit; h11 answers 431 beyond it
+MAX_HEADER_BYTES = MAX_HEAD_BYTES  # request/response head limit; 431 beyond it
 READ_SIZE = 64 * 1024
 
 
@@ -81,14 +89,14 @@ class Route(Protocol):
     keep_headers: frozenset[bytes]  # x-nodemesh-* response headers the upstream may set
 
     async def open(
-        self, req: h11.Request, head: RequestHead, *, fresh: bool
+        self, req: Request, head: RequestHead, *, fresh: bool
     ) -> tuple[Upstream, Headers]:
         """An upstream connection and the extra headers to add; raises ProxyError."""
 
     async def release(self, up: Upstream, *, failed: bool, rtt: float) -> None:
         """Give the connection back (pool or close) and feed the balancer."""
 
-    def record(self, req: h11.Request, status: int, elapsed: float) -> None:
+    def record(self, req: Request, status: int, elapsed: float) -> None:
         """Count one finished request (status 0: cut off after the response started)."""
 
 
@@ -104,19 +112,17 @@ def _quickack(stream: object) -> None:
         fn()
 
 
-async def next_event(
-    conn: h11.Connection, stream: trio.abc.ReceiveStream
-) -> h11.Event | type[h11.PAUSED]:
+async def next_event(conn: ServerConn, stream: trio.abc.ReceiveStream) -> object:
     """The next event from a downstream peer; its I/O errors as ``DownstreamClosed``."""
     while True:
         ev = conn.next_event()
-        if ev is not h11.NEED_DATA:
-            return ev  # type: ignore[return-value]
+        if ev is not NEED_DATA:
+            return ev
         try:
             data = await stream.receive_some(READ_SIZE)
         except IO_ERRORS as e:
             raise DownstreamClosed(describe(e)) from None
-        conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes bytearray too
+        conn.receive_data(data)
 
 
 async def _send_down(stream: trio.abc.SendStream, data: bytes) -> None:
@@ -189,7 +195,7 @@ async def serve_http1(
     """Serve requests on ``stream`` until it closes, errs, idles or drains (``idle.serve``
     must run for the last two).  Never raises for peer misbehaviour; the caller closes
     ``stream``."""
-    ds = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+    ds = ServerConn()
     if prefix:
         ds.receive_data(prefix)
     body_stream = _ReadDeadline(stream, idle_timeout)
@@ -199,14 +205,14 @@ async def serve_http1(
             waiting[stream] = trio.current_time() + idle_timeout  # idle.serve may close it
             try:
                 ev = await next_event(ds, stream)
-            except h11.RemoteProtocolError as e:
+            except ProtocolError as e:
                 detail = f"malformed HTTP/1.1 request: {e}"
                 await respond_error(ds, stream, malformed_request(detail, e.error_status_hint))
                 return
             finally:
                 waiting.pop(stream, None)
-            if type(ev) is not h11.Request:
-                return  # ConnectionClosed
+            if type(ev) is not Request:
+                return  # CLOSED
             head = read_request(ev.method, ev.target, ev.headers)
             if head.refusal is not None:
                 if not await respond_error(ds, stream, head.refusal):
@@ -216,6 +222,8 @@ async def serve_http1(
             if ev.method == b"CONNECT" or (head.upgrade and hasattr(route, "upgrade")):
                 await _connect(ds, stream, ev, route)
                 return
+            if ev.upgrade:
+                ds.not_upgraded()  # served as a plain request: parse on after its head
             if not await forward(ds, body_stream, ev, head, route):
                 return
             ds.start_next_cycle()
@@ -250,19 +258,12 @@ class _ReadDeadline(trio.abc.Stream):
         await self.inner.aclose()
 
 
-async def _connect(
-    ds: h11.Connection, stream: trio.abc.Stream, req: h11.Request, route: Route
-) -> None:
+async def _connect(ds: ServerConn, stream: trio.abc.Stream, req: Request, route: Route) -> None:
     """A CONNECT or upgrade request: hand the connection to the route's tunnel, if it has one.
 
-    After the request's end h11 pauses (it may switch protocols); what the client sent past the
-    head is in ``ds.trailing_data`` for the tunnel to carry on."""
-    try:
-        end = await next_event(ds, stream)
-    except h11.RemoteProtocolError:
-        end = None
+    What the client sent past the head is in ``ds.trailing_data`` for the tunnel to carry on."""
     tunnel = getattr(route, "upgrade" if req.method != b"CONNECT" else "tunnel", None)
-    if not isinstance(end, h11.EndOfMessage) or tunnel is None:
+    if not ds.request_done or tunnel is None:
         await respond_error(
             ds, stream, MethodNotAllowed("CONNECT is not supported on this listener")
         )
@@ -287,7 +288,7 @@ class _Retry(Exception):
 
 
 async def forward(
-    ds: h11.Connection, dstream: trio.abc.Stream, req: h11.Request, head: RequestHead, route: Route
+    ds: ServerConn, dstream: trio.abc.Stream, req: Request, head: RequestHead, route: Route
 ) -> bool:
     """Proxy one request.  Returns True if the downstream connection may serve another."""
     start = time.perf_counter()
@@ -297,8 +298,6 @@ async def forward(
             up, extra = await route.open(req, head, fresh=fresh)
         except ProxyError as e:
             route.record(req, e.status, time.perf_counter() - start)
-            if not head.has_body and ds.their_state is h11.SEND_BODY:
-                await next_event(ds, dstream)  # the EndOfMessage: keep-alive
             return await respond_error(ds, dstream, e)
         sent = time.perf_counter()
         ex = _Exchange()
@@ -309,6 +308,7 @@ async def forward(
             fresh = True
             continue
         except ProxyError as e:
+            up.conn.mark_spent()
             await route.release(up, failed=True, rtt=time.perf_counter() - sent)
             if ex.response_started:
                 route.record(req, 0, time.perf_counter() - start)
@@ -316,41 +316,48 @@ async def forward(
             route.record(req, e.status, time.perf_counter() - start)
             return await respond_error(ds, dstream, e)
         except DownstreamClosed:
+            up.conn.mark_spent()
             await route.release(up, failed=False, rtt=time.perf_counter() - sent)
             route.record(req, 0, time.perf_counter() - start)
             return False
         except BaseException:
             # Cancelled (shutdown) or a bug: never pool a connection in an unknown state.
+            up.conn.mark_spent()
             with trio.CancelScope(shield=True):
                 await route.release(up, failed=True, rtt=time.perf_counter() - sent)
             raise
         await route.release(up, failed=ex.status >= 500, rtt=time.perf_counter() - sent)
         route.record(req, ex.status, time.perf_counter() - start)
-        return ex.request_done and ds.our_state is h11.DONE and ds.their_state is h11.DONE
+        return ex.request_done and ds.reusable
 
 
-def _body_at_hand(ds: h11.Connection, conn: h11.Connection, out: list[bytes]) -> bool:
+def _trailers(headers: Headers) -> Headers:
+    return forward_headers(headers) if headers else headers
+
+
+def _body_at_hand(ds: ServerConn, conn: ClientConn, out: list[bytes]) -> bool:
     """Re-frame for ``conn`` the request body events ``ds`` already holds, into ``out``.
 
-    True once the request has ended.  h11 raises ``RemoteProtocolError`` for a malformed body."""
+    True once the request has ended.  The codec raises ``ProtocolError`` for a malformed body."""
     while True:
         ev = ds.next_event()
-        if ev is h11.NEED_DATA:
-            return False
-        if isinstance(ev, h11.Data):
-            out.append(conn.send(ev))
-        elif isinstance(ev, h11.EndOfMessage):
-            out.append(conn.send(ev))
+        t = type(ev)
+        if t is Data:
+            out.append(conn.send_data(ev.data))  # type: ignore[union-attr]
+        elif t is EndOfMessage:
+            out.append(conn.send_end(_trailers(ev.headers)))  # type: ignore[union-attr]
             return True
+        elif ev is NEED_DATA:
+            return False
         else:
             raise BadRequest("request body ended unexpectedly")
 
 
 async def _exchange(
-    ds: h11.Connection,
+    ds: ServerConn,
     dstream: trio.abc.Stream,
     up: Upstream,
-    req: h11.Request,
+    req: Request,
     head: RequestHead,
     extra: Headers,
     route: Route,
@@ -361,20 +368,14 @@ async def _exchange(
         headers.append((b"host", route.authority))
     conn = up.conn
     try:
-        # Validated by h11 on the way in (the route's own extras are checked where made).
-        out = [
-            conn.send(
-                h11.Request(method=req.method, target=req.target, headers=headers, _parsed=True)
-            )
-        ]
-        if ds.their_state is h11.DONE:  # a retry: the first attempt already read the request
-            out.append(conn.send(h11.EndOfMessage()))
+        # Validated by llhttp on the way in (the route's own extras are checked where made).
+        out = [conn.send_request(req.method, req.target, headers, req.framing)]
+        if ds.request_done:  # no body, or a retry: the first attempt already read the request
+            out.append(conn.send_end())
             ex.request_done = True
         else:
             ex.request_done = _body_at_hand(ds, conn, out)
-    except h11.LocalProtocolError as e:
-        raise BadRequest(f"request cannot be forwarded: {e}") from None
-    except h11.RemoteProtocolError as e:
+    except ProtocolError as e:
         raise BadRequest(f"malformed request body: {e}") from None
     try:
         await _send_up(up, b"".join(out))
@@ -406,7 +407,7 @@ async def pump_beside_relay(
     """Send the rest of a request body (``pump``) while its response comes back (``relay``).
 
     The pump records its own failure in ``state.error`` and cancels the scope it is handed; a
-    relay failure lands there too (an h11 protocol error as ``protocol_error``).  When the
+    relay failure lands there too (a codec protocol error as ``protocol_error``).  When the
     response has finished (or failed), a body still being sent is abandoned.  Then the recorded
     error, if any, is raised.
     """
@@ -414,7 +415,7 @@ async def pump_beside_relay(
         nursery.start_soon(pump, nursery.cancel_scope)
         try:
             await relay()
-        except (NodemeshError, h11.ProtocolError) as e:
+        except (NodemeshError, ProtocolError) as e:
             state.error = e if isinstance(e, NodemeshError) else protocol_error(str(e))
         nursery.cancel_scope.cancel()
     if state.error is not None:
@@ -422,7 +423,7 @@ async def pump_beside_relay(
 
 
 async def _pump_body(
-    ds: h11.Connection,
+    ds: ServerConn,
     dstream: trio.abc.Stream,
     up: Upstream,
     ex: _Exchange,
@@ -436,27 +437,27 @@ async def _pump_body(
                 data = await dstream.receive_some(READ_SIZE)
             except IO_ERRORS as e:
                 raise DownstreamClosed(describe(e)) from None
-            ds.receive_data(data)  # type: ignore[arg-type]  # h11 takes bytearray too
+            if not data:
+                raise BadRequest("request body ended unexpectedly")
+            ds.receive_data(data)
             out: list[bytes] = []
             ex.request_done = _body_at_hand(ds, conn, out)
-            if not ex.request_done and not data:
-                raise BadRequest("request body ended unexpectedly")
             if out:
                 await _send_up(up, b"".join(out))
             if ex.request_done:
                 return
     except UpstreamClosed:
         return  # the upstream may still answer (early response); the relay decides
-    except h11.RemoteProtocolError as e:
+    except ProtocolError as e:
         ex.error = BadRequest(f"malformed request body: {e}")
         scope.cancel()
-    except (NodemeshError, h11.LocalProtocolError) as e:
-        ex.error = e if isinstance(e, NodemeshError) else UpstreamProtocolError(str(e))
+    except NodemeshError as e:
+        ex.error = e
         scope.cancel()
 
 
 async def _relay_response(
-    ds: h11.Connection,
+    ds: ServerConn,
     dstream: trio.abc.Stream,
     up: Upstream,
     ex: _Exchange,
@@ -468,11 +469,12 @@ async def _relay_response(
     while True:
         try:
             ev = conn.next_event()
-        except h11.RemoteProtocolError as e:
-            if not ex.response_started and conn.trailing_data == (b"", True):
-                raise UpstreamClosed("upstream closed the connection before responding") from None
+        except ProtocolError as e:
             raise UpstreamProtocolError(f"upstream sent malformed HTTP: {e}") from None
-        if ev is h11.NEED_DATA:
+        t = type(ev)
+        if t is Data:
+            out.append(ds.send_data(ev.data))  # type: ignore[union-attr]
+        elif ev is NEED_DATA:
             if out:
                 await _send_down(dstream, b"".join(out))
                 out = []
@@ -483,67 +485,46 @@ async def _relay_response(
                 data = await up.stream.receive_some(READ_SIZE)
             except IO_ERRORS as e:
                 raise UpstreamClosed(f"upstream connection failed: {describe(e)}") from None
-            conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes bytearray too
+            conn.receive_data(data)
             received = True
-        elif isinstance(ev, h11.Data):
-            out.append(ds.send(ev))
-        elif isinstance(ev, h11.Response):
-            ex.status = ev.status_code
-            hdrs = forward_headers(ev.headers, keep=keep)
-            out.append(
-                ds.send(
-                    h11.Response(
-                        status_code=ev.status_code, headers=hdrs, reason=ev.reason, _parsed=True
-                    )
-                )
-            )
-            ex.response_started = True
-        elif isinstance(ev, h11.EndOfMessage):
-            out.append(ds.send(ev))
-            await _send_down(dstream, b"".join(out))
-            return
-        elif isinstance(ev, h11.InformationalResponse):
-            if ev.status_code == 101:
+        elif t is Response:
+            status = ev.status_code  # type: ignore[union-attr]
+            if status >= 200:
+                ex.status = status
+                hdrs = forward_headers(ev.headers, keep=keep)  # type: ignore[union-attr]
+                out.append(ds.send_response(ev, hdrs))  # type: ignore[arg-type]
+                ex.response_started = True
+            elif status == 101:
                 raise UpstreamProtocolError(
                     "upstream switched protocols without an upgrade request"
                 )
-            hdrs = forward_headers(ev.headers)
-            out.append(
-                ds.send(
-                    h11.InformationalResponse(
-                        status_code=ev.status_code, headers=hdrs, reason=ev.reason, _parsed=True
-                    )
-                )
-            )
-        else:  # ConnectionClosed mid-response
+            else:
+                hdrs = forward_headers(ev.headers)  # type: ignore[union-attr]
+                out.append(ds.send_response(ev, hdrs))  # type: ignore[arg-type]
+        elif t is EndOfMessage:
+            out.append(ds.send_end(_trailers(ev.headers)))  # type: ignore[union-attr]
+            await _send_down(dstream, b"".join(out))
+            return
+        elif ex.response_started:  # CLOSED mid-response
             raise UpstreamClosed("upstream closed the connection before the response ended")
+        else:
+            raise UpstreamClosed("upstream closed the connection before responding")
 
 
-async def respond_error(ds: h11.Connection, dstream: trio.abc.Stream, err: ProxyError) -> bool:
-    """Answer ``err`` if no response has started.  True if the connection may continue.
-
-    Our side is IDLE when the request head itself was malformed: h11 still lets us answer."""
-    if ds.our_state is not h11.SEND_RESPONSE and ds.our_state is not h11.IDLE:
-        return False
+async def respond_error(ds: ServerConn, dstream: trio.abc.Stream, err: ProxyError) -> bool:
+    """Answer ``err`` if no response has started.  True if the connection may continue."""
     body = f"{err.detail}\n".encode()
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode()),
         (ERROR_HEADER, err.reason.encode()),
     ]
-    if ds.their_state is not h11.DONE:
-        headers.append((b"connection", b"close"))
-    try:
-        out = ds.send(h11.Response(status_code=err.status, headers=headers))
-    except h11.LocalProtocolError:
+    out = ds.send_error(err.status, headers, body)
+    if out is None:
         return False
-    # h11 refuses a body only in answer to HEAD, for which the head is the whole answer; h11 is
-    # in its ERROR state then, so the connection ends after this response.
-    with contextlib.suppress(h11.LocalProtocolError):
-        out += ds.send(h11.Data(data=body)) + ds.send(h11.EndOfMessage())
     try:
         with downstream_errors():
             await dstream.send_all(out)
     except DownstreamClosed:
         return False
-    return ds.our_state is h11.DONE and ds.their_state is h11.DONE  # type: ignore[comparison-overlap]
+    return ds.reusable

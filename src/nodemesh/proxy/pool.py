@@ -15,30 +15,27 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
-import h11
 import trio
 
+from nodemesh.protocol.h1codec import ClientConn
 from nodemesh.transport.edges import close_quietly
 
 
 class Upstream:
-    """One client connection: an h11 state machine on a byte stream."""
+    """One client connection: an HTTP/1.1 client codec on a byte stream."""
 
     __slots__ = ("conn", "identity", "key", "last_used", "reused", "stream")
 
     def __init__(self, key: Hashable, stream: trio.abc.Stream, identity: str | None = None) -> None:
         self.key = key
         self.stream = stream
-        self.conn = h11.Connection(h11.CLIENT)
+        self.conn = ClientConn()
         self.identity = identity  # the peer's verified SPIFFE ID, for mesh connections
         self.last_used = 0.0
         self.reused = False
 
     def __repr__(self) -> str:
-        return (
-            f"<Upstream {self.key} {self.conn.our_state}/{self.conn.their_state}"
-            f"{' reused' if self.reused else ''}>"
-        )
+        return f"<Upstream {self.key} {self.conn!r}{' reused' if self.reused else ''}>"
 
     def open(self) -> bool:
         """Whether the idle connection still looks usable: the peer has not closed it (a
@@ -48,7 +45,7 @@ class Upstream:
 
     @property
     def reusable(self) -> bool:
-        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+        return self.conn.reusable
 
 
 Connector = Callable[[Any], Awaitable[Upstream]]
@@ -98,7 +95,6 @@ class Pool:
         idle = self._idle.setdefault(up.key, [])
         if len(idle) >= self._max_idle:
             return False
-        up.conn.start_next_cycle()
         up.last_used = self._clock()
         idle.append(up)
         return True
