@@ -601,6 +601,27 @@ async def test_http10_client_keeps_its_own_host(autojump_clock: Clock) -> None:
         assert m.app.exchanges[0].headers(b"host") == [b"given"]
 
 
+async def test_an_upgrade_request_with_a_body_cannot_smuggle_a_request(
+    autojump_clock: Clock,
+) -> None:
+    # llhttp hands everything after an upgrade request's head to the new protocol, its body
+    # included.  Not upgraded (it has a body), the request must be served with that body; parsed
+    # on as HTTP, the body would reach the app as a second request the mesh never vetted.
+    smuggled = b"GET /admin HTTP/1.1\r\nhost: web\r\n\r\n"
+    async with mesh() as m:
+        c = await m.connect()
+        await c.stream.send_all(
+            b"POST /form HTTP/1.1\r\nhost: web\r\nconnection: upgrade\r\nupgrade: h2c\r\n"
+            b"content-length: %d\r\n\r\n%b"
+            % (len(smuggled), smuggled)
+            + b"GET /next HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n"
+        )
+        raw = await c.raw_until_eof()
+        assert raw.count(b"HTTP/1.1 200 ") == 2
+        seen = [(ex.request.method, ex.request.target, ex.body) for ex in m.app.exchanges]
+        assert seen == [(b"POST", b"/form", smuggled), (b"GET", b"/next", b"")]
+
+
 # --- the rescue: errors before and after the response started -----------------------------------
 
 
