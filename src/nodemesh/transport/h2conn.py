@@ -60,7 +60,10 @@ from nodemesh.transport.edges import IO_ERRORS
 INITIAL_WINDOW = 1 << 20  # bytes, per stream and per connection; Linkerd's default
 MAX_CONCURRENT_STREAMS = 256
 MAX_HEADER_LIST = 64 * 1024  # bytes; larger heads are refused
-MAX_FRAME = 1 << 14  # bytes; the protocol default, which every peer accepts
+# bytes; the largest frame we accept (the protocol's default is 16 KiB).  A splice reads 64 KiB
+# from its socket at a time, so between agents a read's worth goes out as one DATA frame: a
+# quarter of the frames, and of h2's per-frame work on both sides, of 16 KiB frames.
+MAX_FRAME = 1 << 16
 READ_SIZE = 64 * 1024
 WRITE_TIMEOUT = 30.0  # seconds a peer may leave our writes unread before the connection ends
 HIGH_WATER = 1 << 20  # bytes queued for the socket before writers wait
@@ -294,7 +297,7 @@ class H2Conn:
             h2.config.H2Configuration(
                 client_side=client,
                 header_encoding=None,
-                # Everything we send was validated on the way in (by h11 from apps, by h2's
+                # Everything we send was validated on the way in (by llhttp from apps, by h2's
                 # inbound checks, kept on, from peers): validating again is pure hot-path cost.
                 validate_outbound_headers=False,
                 normalize_outbound_headers=False,
@@ -307,8 +310,12 @@ class H2Conn:
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
             },
         )
+        # Initial values need no ACK (the peer learns them from our first SETTINGS, before it
+        # may send a frame of that size), but h2 read the frame limit at construction.
+        self.h2.max_inbound_frame_size = MAX_FRAME
         self._on_stream = on_stream
         self._streams: dict[int, H2Stream] = {}
         self._flush_needed = trio.Event()
