@@ -336,3 +336,10 @@ def test_a_chunked_request_is_written_as_chunks_with_trailers() -> None:
     body = c.send_data(b"hello") + c.send_end([(b"x-sum", b"1")])
     assert head == b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
     assert body == b"5\r\nhello\r\n0\r\nx-sum: 1\r\n\r\n"
+
+
+def test_an_http10_client_never_gets_an_informational_response() -> None:
+    s = _served(b"POST / HTTP/1.0\r\ncontent-length: 0\r\n\r\n")
+    assert s.send_response(Response(100, [], b"Continue"), []) == b""
+    s = _served(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\n\r\n")
+    assert s.send_response(Response(100, [], b"Continue"), []) == b"HTTP/1.1 100 Continue\r\n\r\n"

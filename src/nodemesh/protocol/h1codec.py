@@ -514,11 +514,13 @@ class ServerConn:
         """The head of ``resp`` (a final or 1xx response read from an upstream), with
         ``headers`` in place of its own, framed for this client."""
         status = resp.status_code
-        if status < 200:
-            return b"".join(_head_lines(b"HTTP/1.1 %d %b\r\n" % (status, resp.reason), headers))
-        self.response_started = True
         req = self.request
         old_client = req is not None and req.http_version == b"1.0"
+        if status < 200:
+            if old_client:
+                return b""  # RFC 9110 §15.2: never a 1xx to an HTTP/1.0 client
+            return b"".join(_head_lines(b"HTTP/1.1 %d %b\r\n" % (status, resp.reason), headers))
+        self.response_started = True
         self._chunked = False
         framing = resp.framing
         if framing != NO_BODY and not self.head_only:
@@ -611,12 +613,6 @@ class ClientConn:
 
     def receive_data(self, data: bytes | bytearray) -> None:
         self._r.feed(data)
-
-    @property
-    def received_nothing(self) -> bool:
-        """The peer closed without sending a byte of a response."""
-        r = self._r
-        return r.eof and self.response is None and r._state == _IDLE and not r.events
 
     def next_event(self) -> Event | _Sentinel:
         r = self._r
