@@ -622,6 +622,25 @@ async def test_an_upgrade_request_with_a_body_cannot_smuggle_a_request(
         assert seen == [(b"POST", b"/form", smuggled), (b"GET", b"/next", b"")]
 
 
+async def test_a_refused_upgrade_request_leaves_the_connection_serving(
+    autojump_clock: Clock,
+) -> None:
+    # The codec holds what follows an upgrade request's head for a tunnel; a refused one is
+    # never upgraded, so the next request on the connection must still be read.
+    pad = b"x" * (MAX_HEADER_BYTES + 100 - 120)
+    async with mesh() as m:
+        c = await m.connect()
+        await c.stream.send_all(
+            b"GET /ws HTTP/1.1\r\nhost: web\r\nconnection: upgrade\r\nupgrade: websocket\r\n"
+            b"x-pad: " + pad + b"\r\n\r\n"
+            b"GET /next HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n"
+        )
+        raw = await c.raw_until_eof()
+        assert raw.startswith(b"HTTP/1.1 431 ")
+        assert b"HTTP/1.1 200 " in raw
+        assert [ex.request.target for ex in m.app.exchanges] == [b"/next"]
+
+
 # --- the rescue: errors before and after the response started -----------------------------------
 
 

@@ -215,8 +215,10 @@ async def serve_http1(
                 return  # CLOSED
             head = read_request(ev.method, ev.target, ev.headers)
             if head.refusal is not None:
-                if not await respond_error(ds, stream, head.refusal):
+                if not await respond_error(ds, stream, head.refusal) or ev.method == b"CONNECT":
                     return
+                if ev.upgrade:
+                    ds.not_upgraded()  # refused, so never upgraded: parse on after its head
                 ds.start_next_cycle()
                 continue
             if ev.method == b"CONNECT" or (head.upgrade and hasattr(route, "upgrade")):
