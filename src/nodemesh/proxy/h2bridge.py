@@ -30,7 +30,7 @@ from nodemesh.protocol.http1 import ERROR_HEADER, MESH_PREFIX
 from nodemesh.transport.edges import IO_ERRORS
 from nodemesh.transport.h2conn import H2Stream, Headers, StreamError, code_name
 
-CHUNK = 64 * 1024
+CHUNK = 256 * 1024  # bytes per tunnel read; each goes out as one DATA frame (h2conn.MAX_FRAME)
 _log = log.get("nodemesh.h2bridge")
 
 

@@ -60,11 +60,11 @@ from nodemesh.transport.edges import IO_ERRORS
 INITIAL_WINDOW = 1 << 20  # bytes, per stream and per connection; Linkerd's default
 MAX_CONCURRENT_STREAMS = 256
 MAX_HEADER_LIST = 64 * 1024  # bytes; larger heads are refused
-# bytes; the largest frame we accept (the protocol's default is 16 KiB).  A splice reads 64 KiB
-# from its socket at a time, so between agents a read's worth goes out as one DATA frame: a
-# quarter of the frames, and of h2's per-frame work on both sides, of 16 KiB frames.
-MAX_FRAME = 1 << 16
-READ_SIZE = 64 * 1024
+# bytes; the largest frame we accept (the protocol's default is 16 KiB).  A tunnel reads up to
+# 256 KiB from its socket at a time (``h2bridge.CHUNK``), so between agents a read's worth goes
+# out as one DATA frame: h2's per-frame work on both sides is done once per read, not per 16 KiB.
+MAX_FRAME = 1 << 18
+READ_SIZE = 256 * 1024  # one read can hold a whole MAX_FRAME
 WRITE_TIMEOUT = 30.0  # seconds a peer may leave our writes unread before the connection ends
 HIGH_WATER = 1 << 20  # bytes queued for the socket before writers wait
 FINAL_FLUSH = 1.0  # seconds to send a closing GOAWAY before the transport closes
