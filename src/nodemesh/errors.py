@@ -1,6 +1,6 @@
 """nodemesh's own error types.
 
-Everything above the transport speaks in these; trio, ssl and h11 exceptions are translated
+Everything above the transport speaks in these; trio, ssl and codec exceptions are translated
 at the boundary (``transport/``).  Each proxy error carries the HTTP status the client sees and
 the short reason sent in the ``x-nodemesh-error`` header, so one rescue per server can answer.
 """
@@ -45,14 +45,14 @@ class MethodNotAllowed(BadRequest):
 
 
 class NotImplementedHere(BadRequest):
-    """A framing h11 does not implement (a transfer coding other than chunked)."""
+    """A framing the proxy does not implement (a transfer coding other than chunked)."""
 
     status = 501
     reason = "not implemented"
 
 
 def malformed_request(detail: str, status_hint: int) -> BadRequest:
-    """The error for a request h11 could not parse, by h11's status hint."""
+    """The error for a request the parser refused, by its status hint."""
     kind = {431: HeadTooLarge, 501: NotImplementedHere}.get(status_hint, BadRequest)
     return kind(detail)
 

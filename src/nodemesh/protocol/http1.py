@@ -1,7 +1,8 @@
 """HTTP/1.1 header rules for a proxy: pure, no I/O.
 
-h11 owns framing: it writes Content-Length or chunked encoding from the headers we hand it, so
-the framing headers (``content-length``, ``transfer-encoding``) pass through and h11 re-frames.
+The codec owns framing (``protocol/h1codec.py``): it writes each body as the framing its head
+was parsed with, so the framing headers (``content-length``, ``transfer-encoding``) pass through
+and the codec re-frames.
 Hop-by-hop headers (RFC 9110 §7.6.1) and every header named in ``Connection`` are dropped at each
 hop.  ``x-nodemesh-*`` headers are the mesh's own: an app can never send them across.
 """
@@ -35,8 +36,8 @@ ERROR_HEADER = b"x-nodemesh-error"
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
-FRAMING = frozenset({b"content-length", b"transfer-encoding"})  # h11 re-frames each hop
-MAX_HEAD_BYTES = 64 * 1024  # a request or response head; h11 answers 431 beyond it
+FRAMING = frozenset({b"content-length", b"transfer-encoding"})  # the codec re-frames each hop
+MAX_HEAD_BYTES = 64 * 1024  # a request or response head; 431 beyond it
 
 
 def _named(value: bytes, named: set[bytes] | None) -> set[bytes]:
@@ -54,7 +55,7 @@ def forward_headers(
     """The headers to send on the next hop: hop-by-hop and mesh headers removed (but the mesh
     headers in ``keep``, which the sender is trusted with), ``extra`` added.
 
-    h11 hands us lower-cased names, so no case folding is needed here.  One pass; a second
+    The codec hands us lower-cased names, so no case folding is needed here.  One pass; a second
     only when a ``Connection`` header names further headers to drop.
     """
     out: Headers = []
@@ -80,7 +81,7 @@ class RequestHead:
     ``x-nodemesh-dst`` if the sender set one (only the inbound side heeds it); ``has_body``:
     Transfer-Encoding, or a Content-Length other than 0; ``upgrade``: ``Connection: upgrade``
     with an ``Upgrade`` header and no body (WebSocket and friends); ``refusal``: why a proxy
-    must not forward it although h11 accepted it, or None.
+    must not forward it although the parser accepted it, or None.
     """
 
     __slots__ = ("dst", "has_body", "has_host", "headers", "refusal", "upgrade")
@@ -145,9 +146,9 @@ def read_request(
     has_body = te is not None or (cl is not None and cl != b"0")
     refusal: BadRequest | None = None
     if size > MAX_HEAD_BYTES:
-        # h11 bounds only an *incomplete* head: one that completes in the read after the limit
-        # would otherwise pass at up to twice the size, and the app's refusal would look like
-        # the endpoint failing.
+        # The codec bounds only an *incomplete* head: one that completes in the read after the
+        # limit would otherwise pass at up to twice the size, and the app's refusal would look
+        # like the endpoint failing.
         refusal = HeadTooLarge(
             f"request head of {size} bytes is over the {MAX_HEAD_BYTES}-byte limit"
         )
