@@ -69,6 +69,13 @@ def _entry(node: str, ip: str, port: int, meta: dict[str, str] | None = None) ->
     }
 
 
+def build(raw: dict[str, Any], node: str) -> snapshot.Snapshot:
+    """``snapshot.build`` on the pair's hosts: each node owns its address (the agents run in one
+    process here, so the kernel cannot say; the dial override maps the addresses to loopback)."""
+    own = {"a": A_IP, "b": B_IP}[node]
+    return snapshot.build(raw, node, own_address={own}.__contains__)
+
+
 def catalog(web_meta: dict[str, str] | None = None) -> dict[str, Any]:
     """Consul's health answers for the pair: both agents, and ``web`` on node b."""
     return {
@@ -88,7 +95,7 @@ def agent(node: str, ip: str, **outbound: Any) -> AgentState:
     store = IdentityStore(TD, DC, node)
     _issue(store, spiffe.node_id(TD, DC, node))
     state = AgentState(cfg, store, Recorder())
-    state.publish(snapshot.build(catalog(), node))
+    state.publish(build(catalog(), node))
     return state
 
 

@@ -24,9 +24,8 @@ import structlog.testing
 import trio
 import trio.testing
 
-from nodemesh.discovery import snapshot
 from nodemesh.transport.h2conn import H2Conn, H2Stream, StreamError
-from tests.component.meshpair import MeshPair, catalog
+from tests.component.meshpair import MeshPair, build, catalog
 from tests.component.test_h2conn import REQ, _body
 
 Clock = trio.testing.MockClock
@@ -174,9 +173,9 @@ class Client:
 
 def _grpc_pair(nursery: trio.Nursery, app: App) -> MeshPair:
     m = MeshPair(nursery, app.serve)
-    grpc = snapshot.build(catalog({"protocol": "grpc"}), "a")
+    grpc = build(catalog({"protocol": "grpc"}), "a")
     m.a.publish(grpc)
-    m.b.publish(snapshot.build(catalog({"protocol": "grpc"}), "b"))
+    m.b.publish(build(catalog({"protocol": "grpc"}), "b"))
     return m
 
 

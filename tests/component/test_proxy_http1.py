@@ -22,13 +22,25 @@ import pytest
 import trio
 import trio.testing
 
+from nodemesh.discovery import snapshot
 from nodemesh.errors import NoEndpoints, ProxyError, UpstreamConnectError, UpstreamTimeout
+from nodemesh.identity import spiffe
 from nodemesh.protocol.h1codec import Request, ServerConn
 from nodemesh.protocol.http1 import CLIENT_ID_HEADER, DST_HEADER, ERROR_HEADER, RequestHead
 from nodemesh.proxy.http1 import MAX_HEADER_BYTES, IdleSet, serve_http1
 from nodemesh.proxy.pool import Pool, Upstream
 from nodemesh.transport.edges import close_quietly
-from tests.component.meshpair import NODE_A, MeshPair, Resetting
+from tests.component.meshpair import (
+    DC,
+    NODE_A,
+    TD,
+    MeshPair,
+    Resetting,
+    _entry,
+    _issue,
+    build,
+    catalog,
+)
 
 Clock = trio.testing.MockClock
 DST = b"198.18.0.2:8080"
@@ -1136,3 +1148,25 @@ async def test_upgrade_request_goes_to_the_tunnel_with_the_bytes_after_it() -> N
             got = await down.receive_some(1000)
     assert got.startswith(b"HTTP/1.1 101")
     assert route.handed == [(b"GET", b"/chat", b"\x81\x05early")]
+
+
+async def test_inbound_does_not_deliver_to_an_address_its_host_does_not_own(
+    autojump_clock: Clock,
+) -> None:
+    """A service registered on b's node at 169.254.169.254 (the cloud's metadata endpoint): a
+    resolves it and sends the call to b as the catalog says, and b answers 403 without dialing
+    anything, because the kernel says b's host does not own that address.  Before the check, b
+    dialed it (here: a 502 from the dial override, and one app link)."""
+    metadata = ("169.254.169.254", 80)
+    raw = catalog()
+    raw["metadata"] = [_entry("b", *metadata)]
+    async with mesh() as m:
+        _issue(m.pair.b.identities, spiffe.service_id(TD, DC, "metadata"))
+        m.pair.a.publish(build(raw, "a"))
+        m.pair.b.publish(snapshot.build(raw, "b"))  # the real check: this host's own addresses
+        served = trio.Event()
+        c = Client(m.pair.connect(metadata, served=served), served)
+        r = await c.request(target=b"/latest/meta-data/", headers=[(b"host", b"metadata")])
+        assert r.status == 403, (r.status, r.body)
+        assert m.pair.app_links == 0
+        await c.stream.aclose()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import socket
+from functools import partial
 from typing import Any
 
 import pytest
@@ -13,13 +15,17 @@ from nodemesh.discovery.snapshot import (
     AGENT_SERVICE,
     CONTROLLER_SERVICE,
     Endpoint,
-    build,
+    host_address,
     parse_entry,
 )
+from nodemesh.discovery.snapshot import build as build_on_host
 
 # Node name -> address, as Consul's catalog would hold them.
 NODES = {"h1": "198.18.0.1", "h2": "198.18.0.2", "h3": "198.18.0.3"}
 INBOUND = 4143
+# These tests play host h1, whose own address is 198.18.0.1 (the guard's own tests below ask
+# the kernel instead).
+build = partial(build_on_host, own_address={NODES["h1"]}.__contains__)
 
 
 def entry(
@@ -417,3 +423,53 @@ def test_unreadable_checks_are_rejected(checks: Any) -> None:
     snap = build(mesh(web=[entry("h1", "web", 8080), bad]), "h1")
     assert [e.node for e in snap.endpoints["web"]] == ["h1"]
     assert len(snap.rejected) == 1
+
+
+# --- only this host's own addresses are delivered to ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        pytest.param("169.254.169.254", id="metadata-endpoint"),
+        pytest.param("198.18.0.2", id="another-host"),
+        pytest.param("224.0.0.1", id="multicast"),
+        pytest.param("255.255.255.255", id="broadcast"),
+    ],
+)
+def test_instance_at_an_address_not_of_this_host_is_not_local(address: str) -> None:
+    """A service registered on this node at an address the host does not own (the cloud's
+    metadata endpoint, another host) is not a local instance, so the inbound side refuses to
+    deliver there; other nodes still see it where it claims to be."""
+    snap = build_on_host(mesh(meta=[entry("h1", "meta", 80, address=address)]), "h1")
+    assert snap.local == {}
+    assert not snap.is_local_instance("meta", address, 80)
+    assert snap.rejected == (
+        f"meta: {address}:80 is registered on this node but is not an address of this host;"
+        " not delivered to",
+    )
+
+
+def test_loopback_and_own_interface_addresses_are_local() -> None:
+    snap = build_on_host(
+        mesh(
+            web=[
+                entry("h1", "web", 8080, address="127.0.0.1"),
+                entry("h1", "web", 8081, address="::1"),
+            ]
+        ),
+        "h1",
+    )
+    assert snap.local == {"web": frozenset({("127.0.0.1", 8080), ("::1", 8081)})}
+    assert snap.rejected == ()
+
+
+def test_host_address_asks_the_kernel() -> None:
+    assert host_address("127.0.0.1")
+    assert host_address("127.0.0.2")  # all of 127/8 is this host's on Linux
+    assert not host_address("169.254.169.254")
+    assert not host_address("198.18.250.250")  # no test creates this one
+    with socket.socket() as s:  # an address in use still counts: the probe binds port 0
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert host_address("127.0.0.1")

@@ -14,13 +14,19 @@ data path reads without locks: the proxy swaps a reference, never mutates.
   a node whose agent is down cannot terminate mTLS, so it gets no traffic.
 
 Consul data is input from outside: an entry with a missing or bad field is skipped and reported
-in ``Snapshot.rejected`` instead of failing the whole snapshot.
+in ``Snapshot.rejected`` instead of failing the whole snapshot.  A registration says where a
+service claims to be, not that the address is safe to reach: an instance on this node counts as
+local (the inbound side delivers to it) only when its address is one of this host's own, which
+the kernel decides (``host_address``, the one system call here; tests pass their own).  Without
+that, a service registered at 169.254.169.254 would let any mesh caller reach the metadata
+endpoint through this agent.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,8 +122,32 @@ def parse_entry(service: str, raw: Any) -> Instance:
     return Instance(service, node_name, address, port, passing, meta)
 
 
-def build(raw_by_service: Mapping[str, Any], local_node: str) -> Snapshot:
+def host_address(ip: str) -> bool:
+    """Whether ``ip`` is an address of this host (its network namespace): the kernel lets a
+    socket bind only to those.  Multicast and broadcast addresses bind too, so they are refused
+    first.  (With ``net.ipv4.ip_nonlocal_bind=1`` the kernel binds any address: see
+    docs/security.md.)"""
+    addr = ipaddress.ip_address(ip)
+    if addr.is_multicast or addr == ipaddress.IPv4Address("255.255.255.255"):
+        return False
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((ip, 0))
+        except OSError:
+            return False
+    return True
+
+
+def build(
+    raw_by_service: Mapping[str, Any],
+    local_node: str,
+    own_address: Callable[[str], bool] = host_address,
+) -> Snapshot:
+    """The snapshot of ``raw_by_service`` as seen from ``local_node``; ``own_address`` says
+    whether an address belongs to this host (only such instances are delivered to)."""
     rejected: list[str] = []
+    own: dict[str, bool] = {}  # each address asked once per build
     instances: dict[str, list[Instance]] = {}
     for service, entries in raw_by_service.items():
         if not isinstance(entries, list):
@@ -151,7 +181,15 @@ def build(raw_by_service: Mapping[str, Any], local_node: str) -> Snapshot:
             if declared in DECLARED_PROTOCOLS:
                 protocols.setdefault(service, declared)
             if inst.node == local_node:
-                local.setdefault(service, set()).add((inst.address, inst.port))
+                if inst.address not in own:
+                    own[inst.address] = own_address(inst.address)
+                if own[inst.address]:
+                    local.setdefault(service, set()).add((inst.address, inst.port))
+                else:
+                    rejected.append(
+                        f"{service}: {inst.address}:{inst.port} is registered on this node but"
+                        " is not an address of this host; not delivered to"
+                    )
             peer = agents.get(inst.node)
             if peer is None:
                 continue  # no agent on that node: not meshed, its traffic is egress
