@@ -473,3 +473,14 @@ def test_host_address_asks_the_kernel() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         assert host_address("127.0.0.1")
+
+
+def test_host_address_without_a_socket_is_not_local(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of descriptors, the probe cannot ask the kernel: the answer is "not ours", never an
+    exception out of the snapshot build (which would stop the catalog watch)."""
+
+    def no_socket(*args: Any, **kwargs: Any) -> socket.socket:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(socket, "socket", no_socket)
+    assert not host_address("127.0.0.1")

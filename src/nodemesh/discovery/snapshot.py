@@ -131,11 +131,11 @@ def host_address(ip: str) -> bool:
     if addr.is_multicast or addr == ipaddress.IPv4Address("255.255.255.255"):
         return False
     family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
+    try:  # no socket at all (out of descriptors, no IPv6): not provably ours, so not local
+        with socket.socket(family, socket.SOCK_STREAM) as s:
             s.bind((ip, 0))
-        except OSError:
-            return False
+    except OSError:
+        return False
     return True
 
 
