@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 
 from nodemesh.errors import IdentityError
 from nodemesh.identity import files, keys, spiffe
 from nodemesh.identity.ca import CertificateAuthority
-from nodemesh.identity.keys import LeafInfo
+from nodemesh.identity.keys import LeafInfo, load_csr
 from nodemesh.identity.store import backoff_delay, renew_time, select_identity
 
 TD = "mesh.test"
@@ -145,3 +147,35 @@ def test_scratch_file_is_private_and_gone_afterwards() -> None:
         assert stat.S_IMODE(p.parent.stat().st_mode) == 0o700
     assert not p.exists()
     assert not p.parent.exists()
+
+
+def _csr_for(key: Any) -> bytes:
+    algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, algorithm)  # type: ignore[arg-type]
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize(
+    ("make", "refused"),
+    [
+        pytest.param(lambda: ec.generate_private_key(ec.SECP256R1()), None, id="p256"),
+        pytest.param(lambda: ec.generate_private_key(ec.SECP384R1()), None, id="p384"),
+        pytest.param(ed25519.Ed25519PrivateKey.generate, None, id="ed25519"),
+        pytest.param(lambda: rsa.generate_private_key(65537, 2048), None, id="rsa2048"),
+        pytest.param(lambda: rsa.generate_private_key(65537, 1024), "RSA 1024 bits", id="rsa1024"),
+        pytest.param(lambda: ec.generate_private_key(ec.SECP192R1()), "EC secp192r1", id="p192"),
+        pytest.param(lambda: ec.generate_private_key(ec.SECP256K1()), "EC secp256k1", id="k256"),
+        pytest.param(lambda: dsa.generate_private_key(2048), "DSAPublicKey", id="dsa"),
+    ],
+)
+def test_csr_key_types_are_limited(make: Any, refused: str | None) -> None:
+    pem = _csr_for(make())
+    if refused is None:
+        load_csr(pem)
+        return
+    with pytest.raises(IdentityError, match=refused):
+        load_csr(pem)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from nodemesh.errors import IdentityError
 from nodemesh.identity import spiffe
@@ -81,7 +81,34 @@ def load_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:
         raise IdentityError(f"CSR signature cannot be checked: {e}") from None
     if not valid:
         raise IdentityError("CSR signature does not match its public key; send a freshly made CSR")
+    _check_key(csr.public_key())
     return csr
+
+
+# The keys a leaf may carry: what TLS stacks verify well and what is not breakable today.
+SIGNABLE_CURVES = ("secp256r1", "secp384r1")
+MIN_RSA_BITS = 2048
+
+
+def _check_key(key: object) -> None:
+    """Refuse a CSR whose key is weak or of a type nodemesh does not sign (RSA-1024, DSA, P-192)."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in SIGNABLE_CURVES:
+            raise IdentityError(
+                f"CSR key is EC {key.curve.name}; nodemesh signs P-256, P-384, Ed25519 or RSA"
+                f" >= {MIN_RSA_BITS} bits"
+            )
+    elif isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise IdentityError(
+                f"CSR key is RSA {key.key_size} bits; nodemesh signs RSA of {MIN_RSA_BITS} bits"
+                " or more, P-256, P-384 or Ed25519"
+            )
+    elif not isinstance(key, ed25519.Ed25519PublicKey):
+        raise IdentityError(
+            f"CSR key type {type(key).__name__} is not signed; use P-256, P-384, Ed25519 or RSA"
+            f" >= {MIN_RSA_BITS} bits"
+        )
 
 
 def csr_identity(csr: x509.CertificateSigningRequest) -> SpiffeId | None:
