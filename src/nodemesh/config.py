@@ -52,6 +52,18 @@ def parse_duration(v: Any) -> float:
     return float(m.group(1)) * _UNIT[m.group(2)]
 
 
+def parse_leaf_ttl(v: Any) -> float:
+    """A leaf certificate's lifetime: a duration from 1 s (tests) to 720 h (30 days).  Longer
+    leaves outlive the point of short-lived identities; zero would fail every signing."""
+    try:
+        seconds = parse_duration(v)
+    except _Bad:
+        seconds = -1.0
+    if not 1.0 <= seconds <= 720 * 3600.0:
+        raise _Bad('is not a lifetime from "1s" to "720h" (agents renew at 70 % of it)')
+    return seconds
+
+
 def parse_interval(v: Any) -> float:
     """A reporting interval: a duration from 1 s to 5 m (the controller keeps 10 s slots)."""
     try:
@@ -216,7 +228,7 @@ CONTROLLER_KEYS: Schema = {
     "controller.listen": (parse_addr, "0.0.0.0:4190"),
     "controller.advertise": (parse_str, ""),  # address registered in Consul; default: node's
     "controller.join_token_file": (parse_path, "/etc/nodemesh/join-token"),
-    "controller.leaf_ttl": (parse_duration, "24h"),
+    "controller.leaf_ttl": (parse_leaf_ttl, "24h"),
     "ca.cert_file": (parse_optional_path, ""),  # operator-supplied root/intermediate (PEM)
     "ca.key_file": (parse_optional_path, ""),
     "ca.chain_file": (parse_optional_path, ""),  # chain up to the root, when cert is intermediate

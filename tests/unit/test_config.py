@@ -256,6 +256,21 @@ def test_controller_bad_value() -> None:
         controller_config_from_mapping({"controller": {"leaf_ttl": "1d"}})
 
 
+@pytest.mark.parametrize("ttl", ["0s", 0, "500ms", "721h", "87600h", 10**9])
+def test_leaf_ttl_is_bounded(ttl: object) -> None:
+    """A zero lifetime failed every signing at run time; ten years made identities that never
+    rotate.  Both are refused at load, naming the key and the range."""
+    with pytest.raises(
+        ConfigError, match=r'controller.leaf_ttl = .* is not a lifetime from "1s" to "720h"'
+    ):
+        controller_config_from_mapping({"controller": {"leaf_ttl": ttl}})
+
+
+@pytest.mark.parametrize(("ttl", "seconds"), [("1s", 1.0), ("24h", 86400.0), ("720h", 2592000.0)])
+def test_leaf_ttl_bounds_are_inclusive(ttl: str, seconds: float) -> None:
+    assert controller_config_from_mapping({"controller": {"leaf_ttl": ttl}}).leaf_ttl == seconds
+
+
 # --- the loader on real files --------------------------------------------------------------------
 
 

@@ -49,7 +49,7 @@ def test_controller_exits_64_on_bad_config(tmp_path: Path) -> None:
     bad.write_text('[controller]\nleaf_ttl = "soon"\n')
     result = CliRunner().invoke(controller, ["--config", str(bad)])
     assert result.exit_code == 64
-    assert 'controller.leaf_ttl = "soon" is not a duration' in result.output
+    assert 'controller.leaf_ttl = "soon" is not a lifetime from "1s" to "720h"' in result.output
 
 
 def test_controller_exits_64_when_the_join_token_is_missing(tmp_path: Path) -> None:
