@@ -24,8 +24,8 @@ from nodemesh.discovery.snapshot import build as build_on_host
 NODES = {"h1": "198.18.0.1", "h2": "198.18.0.2", "h3": "198.18.0.3"}
 INBOUND = 4143
 # These tests play host h1, whose own address is 198.18.0.1 (the guard's own tests below ask
-# the kernel instead).
-build = partial(build_on_host, own_address={NODES["h1"]}.__contains__)
+# the kernel instead).  h1 also owns the extra addresses the address-parsing tests register.
+build = partial(build_on_host, own_address={NODES["h1"], "198.18.1.7", "2001:db8::1"}.__contains__)
 
 
 def entry(
@@ -444,6 +444,8 @@ def test_instance_at_an_address_not_of_this_host_is_not_local(address: str) -> N
     snap = build_on_host(mesh(meta=[entry("h1", "meta", 80, address=address)]), "h1")
     assert snap.local == {}
     assert not snap.is_local_instance("meta", address, 80)
+    assert snap.resolve(address, 80) is None  # this host's own calls there pass as egress
+    assert snap.endpoints.get("meta", ()) == ()
     assert snap.rejected == (
         f"meta: {address}:80 is registered on this node but is not an address of this host;"
         " not delivered to",

@@ -185,11 +185,12 @@ def build(
                     own[inst.address] = own_address(inst.address)
                 if own[inst.address]:
                     local.setdefault(service, set()).add((inst.address, inst.port))
-                else:
+                else:  # nor routed from here: this host's calls to that address stay egress
                     rejected.append(
                         f"{service}: {inst.address}:{inst.port} is registered on this node but"
                         " is not an address of this host; not delivered to"
                     )
+                    continue
             peer = agents.get(inst.node)
             if peer is None:
                 continue  # no agent on that node: not meshed, its traffic is egress
