@@ -52,27 +52,29 @@ def parse_duration(v: Any) -> float:
     return float(m.group(1)) * _UNIT[m.group(2)]
 
 
-def parse_leaf_ttl(v: Any) -> float:
-    """A leaf certificate's lifetime: a duration from 1 s (tests) to 720 h (30 days).  Longer
-    leaves outlive the point of short-lived identities; zero would fail every signing."""
+def _duration_within(v: Any, low: float, high: float, what: str) -> float:
+    """A duration from ``low`` to ``high`` seconds; anything else (not a duration, or out of
+    range) is refused with ``what``, which names the range."""
     try:
         seconds = parse_duration(v)
     except _Bad:
         seconds = -1.0
-    if not 1.0 <= seconds <= 720 * 3600.0:
-        raise _Bad('is not a lifetime from "1s" to "720h" (agents renew at 70 % of it)')
+    if not low <= seconds <= high:
+        raise _Bad(what)
     return seconds
+
+
+def parse_leaf_ttl(v: Any) -> float:
+    """A leaf certificate's lifetime: a duration from 1 s (tests) to 720 h (30 days).  Longer
+    leaves outlive the point of short-lived identities; zero would fail every signing."""
+    return _duration_within(
+        v, 1.0, 720 * 3600.0, 'is not a lifetime from "1s" to "720h" (agents renew at 70 % of it)'
+    )
 
 
 def parse_interval(v: Any) -> float:
     """A reporting interval: a duration from 1 s to 5 m (the controller keeps 10 s slots)."""
-    try:
-        seconds = parse_duration(v)
-    except _Bad:
-        seconds = -1.0
-    if not 1.0 <= seconds <= 300.0:
-        raise _Bad('is not an interval from "1s" to "5m"')
-    return seconds
+    return _duration_within(v, 1.0, 300.0, 'is not an interval from "1s" to "5m"')
 
 
 def parse_addr(v: Any) -> tuple[str, int]:
