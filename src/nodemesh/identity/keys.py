@@ -93,21 +93,17 @@ MIN_RSA_BITS = 2048
 def _check_key(key: object) -> None:
     """Refuse a CSR whose key is weak or of a type nodemesh does not sign (RSA-1024, DSA, P-192)."""
     if isinstance(key, ec.EllipticCurvePublicKey):
-        if key.curve.name not in SIGNABLE_CURVES:
-            raise IdentityError(
-                f"CSR key is EC {key.curve.name}; nodemesh signs P-256, P-384, Ed25519 or RSA"
-                f" >= {MIN_RSA_BITS} bits"
-            )
+        refused = None if key.curve.name in SIGNABLE_CURVES else f"EC {key.curve.name}"
     elif isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < MIN_RSA_BITS:
-            raise IdentityError(
-                f"CSR key is RSA {key.key_size} bits; nodemesh signs RSA of {MIN_RSA_BITS} bits"
-                " or more, P-256, P-384 or Ed25519"
-            )
-    elif not isinstance(key, ed25519.Ed25519PublicKey):
+        refused = None if key.key_size >= MIN_RSA_BITS else f"RSA {key.key_size} bits"
+    elif isinstance(key, ed25519.Ed25519PublicKey):
+        refused = None
+    else:
+        refused = type(key).__name__
+    if refused is not None:
         raise IdentityError(
-            f"CSR key type {type(key).__name__} is not signed; use P-256, P-384, Ed25519 or RSA"
-            f" >= {MIN_RSA_BITS} bits"
+            f"CSR key is {refused}; nodemesh signs only P-256, P-384, Ed25519 and RSA of"
+            f" {MIN_RSA_BITS} bits or more"
         )
 
 
