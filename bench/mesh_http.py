@@ -56,7 +56,7 @@ from measure import (
     wait_quiet,
     wrk_argv,
 )
-from workloads import CONNECT, HAPROXY, NODEMESH, WORKLOADS, Bench, Route
+from workloads import CONNECT, FLOOR, HAPROXY, NODEMESH, WORKLOADS, Bench, Route
 
 import nodemesh
 from nodemesh.lab.consul import find_binary
@@ -91,7 +91,7 @@ def wait_passing(lab: Lab, host: str, service: str, timeout: float = 30.0) -> No
 
 def set_up(lab: Lab, args: argparse.Namespace, consul: Path, stack: contextlib.ExitStack) -> Bench:
     """Every upstream on h2 registered with its sidecar, Consul's proxies and haproxy on h1."""
-    for name in ("wrk_report.lua", "apps.py"):
+    for name in ("wrk_report.lua", "apps.py", "floor.py"):
         shutil.copyfile(HERE / name, lab.dir / name)
         (lab.dir / name).chmod(0o644)
     io = lab.dir / "bench-io"
@@ -127,11 +127,19 @@ def set_up(lab: Lab, args: argparse.Namespace, consul: Path, stack: contextlib.E
         hap = peers.start_haproxy(lab, "h1", f"{lab.host_ip('h2')}:{peers.PORT}")
         stack.callback(hap.stop)
         proxies[HAPROXY] = {"haproxy@h1": workloads.pids_of(hap)}
+    if not args.no_floor:
+        say("starting the trio floor: floor.py's L4 mTLS relays on h1 and h2")
+        fout, fin = peers.start_floor(lab, lab.dir / "floor.py")
+        stack.callback(fout.stop)
+        stack.callback(fin.stop)
+        proxies[FLOOR] = {"trio-l4@h1": [fout.pid], "trio-l4@h2": [fin.pid]}
     label = {"nginx": "nginx@h2", "h2c": "nginx@h2", "grpc": "grpc-echo@h2", "sink": "sink@h2"}
     label["pieces"] = "http.server@h2"
     apps = {k: {label[k]: workloads.pids_of(p)} for k, p in procs.items()}
-    return Bench(lab, args, lab.dir / "apps.py", io, workloads.routes(lab, not args.no_haproxy),
-                 proxies, apps)  # fmt: skip
+    routes = workloads.routes(lab, not args.no_haproxy)
+    if args.no_floor:
+        routes = {k: r for k, r in routes.items() if r.contender != FLOOR}
+    return Bench(lab, args, lab.dir / "apps.py", io, routes, proxies, apps)
 
 
 def prove_all(bench: Bench, chosen: Sequence[str]) -> dict[tuple[str, str], str]:
@@ -323,6 +331,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--memory-connections", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1, help="wrk -t")
     ap.add_argument("--no-haproxy", action="store_true", help="skip the haproxy reference")
+    ap.add_argument("--no-floor", action="store_true", help="skip the trio floor (floor.py)")
     ap.add_argument("--profile", action="store_true", help="py-spy both agents afterwards")
     ap.add_argument("--profile-seconds", type=float, default=10.0)
     ap.add_argument(

@@ -35,6 +35,9 @@ PORT = 8080  # nginx on h2
 SIDECAR_PORT = 21000  # Consul's sidecar range starts here
 CONNECT_UPSTREAM_PORT = 9191  # the Connect proxy's listener on h1's loopback
 HAPROXY_PORT = 8088  # haproxy's listener on h1's loopback
+FLOOR_UPSTREAMS = ("nginx", "sink")  # the upstreams the trio floor relays (floor.py) reach
+FLOOR_PORT_BASE = 9290  # floor relay on h1's loopback: base + the upstream's port % 10
+FLOOR_TLS_PORT_BASE = 22080  # floor relay on h2's address (mTLS): base + port % 10
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,35 @@ def start_app(lab: Lab, host: str, script: Path, cmd: str, port: int) -> Process
     listen = f"{lab.host_ip(host)}:{port}"
     argv = [lab.spec.python.as_posix(), str(script), cmd, "--listen", listen]
     return spawn(lab.host(host), argv, lab.log_path(host, cmd), name=cmd)
+
+
+# --- the trio floor -----------------------------------------------------------------------------
+
+
+def floor_port(key: str) -> int:
+    return FLOOR_PORT_BASE + UPSTREAMS[key].port % 10
+
+
+def start_floor(lab: Lab, script: Path) -> tuple[Process, Process]:
+    """``floor.py``'s relay pair: "out" on h1's loopback, "in" on h2's address, a route per
+    ``FLOOR_UPSTREAMS`` each, as the agent's uid (interception leaves their connections alone).
+    Certificates come from a throwaway CA in the lab's directory."""
+    certs = lab.dir / "floor-certs"
+    py = lab.spec.python.as_posix()
+    subprocess.run([py, str(script), "certs", str(certs)], check=True, timeout=60)
+    h2 = lab.host_ip("h2")
+
+    def relay(host: str, role: str, routes: list[str]) -> Process:
+        argv = [py, str(script), "relay", "--role", role, "--certs", str(certs)]
+        for r in routes:
+            argv += ["--route", r]
+        return spawn(lab.host(host), argv, lab.log_path(host, f"floor-{role}"),
+                     user=NODEMESH_USER, name=f"floor-{role}")  # fmt: skip
+
+    tls_port = {k: FLOOR_TLS_PORT_BASE + UPSTREAMS[k].port % 10 for k in FLOOR_UPSTREAMS}
+    inn = relay("h2", "in", [f"{h2}:{tls_port[k]}={h2}:{UPSTREAMS[k].port}" for k in tls_port])
+    out = relay("h1", "out", [f"127.0.0.1:{floor_port(k)}={h2}:{tls_port[k]}" for k in tls_port])
+    return out, inn
 
 
 # --- nginx and haproxy -------------------------------------------------------------------------

@@ -11,6 +11,8 @@ Paths ("contenders") to each upstream on h2 (``peers.UPSTREAMS``), all driven fr
     nodemesh        the client runs as root: iptables -> agent h1 -> mTLS -> agent h2 -> app
     consul-connect  to Consul's proxy on h1's loopback -> mTLS -> the app's sidecar on h2
     haproxy         to haproxy on h1's loopback (HTTP/1.1 to nginx only) -> nginx
+    trio-l4         to floor.py's relay on h1's loopback -> mTLS -> its relay on h2 -> app: the
+                    least a hop under trio can do (nginx and the sink only)
 
 Before a path is first measured, a request must show it reaches the app the way it says
 (``prove``): from the address the app sees, and with the caller identity nodemesh's inbound
@@ -44,7 +46,8 @@ from nodemesh.lab.netns import Process, spawn
 
 PROVE_TIMEOUT = 60.0  # seconds for a path to start answering (a Connect sidecar's first check)
 DIRECT, NODEMESH, CONNECT, HAPROXY = "direct", "nodemesh", "consul-connect", "haproxy"
-CONTENDERS = (DIRECT, NODEMESH, CONNECT, HAPROXY)
+FLOOR = "trio-l4"
+CONTENDERS = (DIRECT, NODEMESH, CONNECT, HAPROXY, FLOOR)
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,11 @@ def routes(lab: Lab, haproxy: bool) -> dict[tuple[str, str], Route]:
             h2,
             False,
         )
+    for key in peers.FLOOR_UPSTREAMS:
+        out[key, FLOOR] = Route(
+            FLOOR, key, f"h1 -> trio relay h1 -> mTLS -> trio relay h2 -> {key}",
+            f"127.0.0.1:{peers.floor_port(key)}", None, h2, False,
+        )  # fmt: skip
     if haproxy:
         out["nginx", HAPROXY] = Route(
             HAPROXY, "nginx", "h1 -> haproxy h1 -> nginx", f"127.0.0.1:{peers.HAPROXY_PORT}",
@@ -408,7 +416,7 @@ class Workload:
     measure: Measure
 
 
-HTTP1 = (DIRECT, NODEMESH, CONNECT, HAPROXY)
+HTTP1 = (DIRECT, NODEMESH, CONNECT, HAPROXY, FLOOR)
 MESHES = (DIRECT, NODEMESH, CONNECT)
 
 WORKLOADS = {
@@ -420,7 +428,7 @@ WORKLOADS = {
                  measure_closed),
         Workload("open", "open loop HTTP/1.1, h2load --h1 -c10 --rps", "nginx", HTTP1,
                  lambda a: tuple(a.rates), measure_open),
-        Workload("bulk", "bulk TCP, opaque", "sink", MESHES, lambda a: (a.bulk_bytes,),
+        Workload("bulk", "bulk TCP, opaque", "sink", (*MESHES, FLOOR), lambda a: (a.bulk_bytes,),
                  measure_bulk),
         Workload("h2", "HTTP/2 h2c, h2load -c10 -m10 (100 in flight)", "h2c", MESHES,
                  lambda a: (100,), measure_h2),
