@@ -299,10 +299,8 @@ async def agents(args: argparse.Namespace, app_port: int) -> dict[str, object]:
         return await open_tcp("127.0.0.1", app_port, timeout)
 
     if args.bulk_mib:  # web declared tcp: the opaque path (CONNECT streams between agents)
-        from nodemesh.discovery import snapshot
-
         for state, node in ((a, "a"), (b, "b")):
-            state.publish(snapshot.build(mp.catalog({"protocol": "tcp"}), node))
+            state.publish(mp.build(mp.catalog({"protocol": "tcp"}), node))
     outbound = Outbound(a, dial=dial_from_a)
     inbound = Inbound(b, dial=dial_from_b)
 
@@ -368,6 +366,12 @@ async def measure(
             profiler.disable()
         await proc.wait()
         nursery.cancel_scope.cancel()
+    if profiler:
+        dump = Path(tempfile.gettempdir()) / f"datapath-{os.getpid()}.prof"
+        profiler.dump_stats(str(dump))
+        print(f"bench/datapath.py: the whole profile is in {dump} (pstats)", file=sys.stderr)
+        ps = pstats.Stats(profiler, stream=sys.stderr)
+        ps.sort_stats("tottime").print_stats(35)
     result: dict[str, object] = json.loads(out)
     n = max(int(result["requests"]), 1)  # type: ignore[call-overload]
     user = after.ru_utime - before.ru_utime
@@ -383,12 +387,6 @@ async def measure(
         "total": round(1e6 * (user + system) / n, 1),
         "per_agent": round(1e6 * (user + system) / n / 2, 1),
     }
-    if profiler:
-        dump = Path(tempfile.gettempdir()) / f"datapath-{os.getpid()}.prof"
-        profiler.dump_stats(str(dump))
-        print(f"bench/datapath.py: the whole profile is in {dump} (pstats)", file=sys.stderr)
-        ps = pstats.Stats(profiler, stream=sys.stdout)
-        ps.sort_stats("tottime").print_stats(35)
     return result
 
 

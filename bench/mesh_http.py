@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import loadgen
 import peers
 import pyspy
 import source
@@ -217,19 +218,19 @@ def profile(lab: Lab, route: Route, args: argparse.Namespace) -> dict[str, Any]:
         raise BenchError("--profile needs py-spy: .venv/bin/pip install py-spy")
     secs = args.profile_seconds
     load_secs = secs + 6.0
-    script = lab.dir / "wrk_report.lua"
-    argv = wrk_argv(
-        route.url,
-        threads=args.threads,
-        connections=16,
-        duration=load_secs,
-        script=script,
-    )
+    if args.profile_load == "open":  # PLOT_RATE req/s open loop, as the open workload offers it
+        argv = loadgen.h2load_argv(route.url, clients=10, duration=load_secs, h1=True,
+                                   log_file="/dev/null", rps_per_client=PLOT_RATE / 10)  # fmt: skip
+    else:
+        argv = wrk_argv(route.url, threads=args.threads, connections=16, duration=load_secs,
+                        script=lab.dir / "wrk_report.lua")  # fmt: skip
     box: dict[str, Any] = {}
 
     def load() -> None:
         try:
-            box["wrk"] = parse_wrk(run_wrk(lab, "h1", argv, load_secs, route.user))
+            out = run_wrk(lab, "h1", argv, load_secs, route.user)
+            if args.profile_load != "open":
+                box["wrk"] = parse_wrk(out)
         except LabError as e:
             box["error"] = e
 
@@ -260,7 +261,7 @@ def profile(lab: Lab, route: Route, args: argparse.Namespace) -> dict[str, Any]:
         )
         for h, path in raw.items()
     }
-    report: dict[str, Any] = {"seconds": secs, "rate_hz": 100}
+    report: dict[str, Any] = {"seconds": secs, "rate_hz": 100, "load": args.profile_load}
     errs: dict[str, bytes] = {}
     # CPU over the sampled window: py-spy counts a runnable thread waiting for a CPU as busy,
     # so the agent's real CPU time tells how much of "busy" was run-queue time.
@@ -334,6 +335,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-floor", action="store_true", help="skip the trio floor (floor.py)")
     ap.add_argument("--profile", action="store_true", help="py-spy both agents afterwards")
     ap.add_argument("--profile-seconds", type=float, default=10.0)
+    ap.add_argument("--profile-load", choices=("c16", "open"), default="c16",
+                    help=f"the load while profiling: wrk -c16, or {PLOT_RATE} req/s open loop")  # fmt: skip
     ap.add_argument(
         "--wait-quiet",
         type=float,

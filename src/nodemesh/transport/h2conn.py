@@ -57,7 +57,10 @@ from nodemesh import log
 from nodemesh.errors import NodemeshError, ProxyError
 from nodemesh.transport.edges import IO_ERRORS
 
-INITIAL_WINDOW = 1 << 20  # bytes, per stream and per connection; Linkerd's default
+# bytes, per stream and per connection: what a receiver may hold unforwarded on one connection.
+# 4 MiB and not 1: a tunnel's 256 KiB frames left only four in flight, and bulk through two agents
+# stalled on WINDOW_UPDATEs (docs/benchmarks.md, "Bulk with a 4 MiB window").
+INITIAL_WINDOW = 4 << 20
 MAX_CONCURRENT_STREAMS = 256
 MAX_HEADER_LIST = 64 * 1024  # bytes; larger heads are refused
 # bytes; the largest frame we accept (the protocol's default is 16 KiB).  A tunnel reads up to
