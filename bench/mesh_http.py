@@ -335,8 +335,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-floor", action="store_true", help="skip the trio floor (floor.py)")
     ap.add_argument("--profile", action="store_true", help="py-spy both agents afterwards")
     ap.add_argument("--profile-seconds", type=float, default=10.0)
-    ap.add_argument("--profile-load", choices=("c16", "open"), default="c16",
-                    help=f"the load while profiling: wrk -c16, or {PLOT_RATE} req/s open loop")  # fmt: skip
+    ap.add_argument(
+        "--profile-load",
+        choices=("c16", "open"),
+        default="c16",
+        help=f"the load while profiling: wrk -c16, or {PLOT_RATE} req/s open loop",
+    )
     ap.add_argument(
         "--wait-quiet",
         type=float,
