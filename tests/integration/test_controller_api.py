@@ -134,6 +134,14 @@ async def test_unknown_node_is_403(ctl: Running) -> None:
     assert "'ghost' is not in Consul's catalog" in e.value.message
 
 
+async def test_a_case_variant_of_the_node_name_is_403(ctl: Running) -> None:
+    """Consul's catalog finds the node under any case of its name; the identity is not."""
+    with pytest.raises(ControllerRefused) as e:
+        await ctl.client().sign_node(_node_csr(NODE.upper())[1])
+    assert e.value.status == 403
+    assert f"Consul names this node {NODE!r}, not {NODE.upper()!r}" in e.value.message
+
+
 async def test_node_cert_from_another_address_is_403(ctl: Running) -> None:
     body = json.dumps({"csr": _node_csr()[1].decode()}).encode()
     status, doc = await _request(

@@ -21,16 +21,22 @@ HOST_A = spiffe.node_id(TD, DC, "host-a")
 
 
 class Directory:
+    """Consul's catalog as the controller sees it: node names are looked up without regard to
+    case, as Consul does."""
+
     def __init__(self, nodes: dict[str, NodeInfo], down: bool = False) -> None:
-        self.nodes, self.down = nodes, down
+        self.nodes, self.down = {k.lower(): v for k, v in nodes.items()}, down
 
     async def node(self, name: str) -> NodeInfo | None:
         if self.down:
             raise ConsulUnavailable("Consul at 127.0.0.1:8500 is unreachable")
-        return self.nodes.get(name)
+        return self.nodes.get(name.lower())
 
 
-NODES = {"host-a": NodeInfo("host-a", "198.18.0.1", frozenset({"web", "api"}))}
+NODES = {
+    "host-a": NodeInfo("host-a", "198.18.0.1", frozenset({"web", "api"}), alive=True),
+    "host-dead": NodeInfo("host-dead", "198.18.0.9", frozenset({"web"}), alive=False),
+}
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +115,9 @@ async def test_node_signing_refusals(
     ("ident", "status", "says"),
     [
         (spiffe.node_id(TD, DC, "ghost"), 403, "'ghost' is not in Consul's catalog"),
+        # Consul finds host-a for HOST-A: a second identity for one node, unless refused.
+        (spiffe.node_id(TD, DC, "HOST-A"), 403, "names this node 'host-a', not 'HOST-A'"),
+        (spiffe.node_id(TD, DC, "host-dead"), 403, "'host-dead' is not alive in Consul"),
         (spiffe.service_id(TD, DC, "web"), 400, "must ask for exactly one URI SAN"),
         (spiffe.node_id(TD, "dc9", "host-a"), 400, "must ask for exactly one URI SAN"),
         (spiffe.node_id("other.test", DC, "host-a"), 400, "must ask for exactly one URI SAN"),
@@ -138,6 +147,8 @@ async def test_service_identity_for_a_service_on_the_callers_node(
         (spiffe.node_id(TD, "dc9", "host-a"), "web", 403, "is not a node of datacenter"),
         (HOST_A, "db", 403, "no service 'db' registered on node 'host-a'"),
         (spiffe.node_id(TD, DC, "gone"), "web", 403, "'gone' is not in Consul's catalog"),
+        (spiffe.node_id(TD, DC, "Host-A"), "web", 403, "names this node 'host-a', not 'Host-A'"),
+        (spiffe.node_id(TD, DC, "host-dead"), "web", 403, "serfHealth check is not passing"),
         (HOST_A, "../etc", 400, "is not a valid Consul service name"),
         (HOST_A, 7, 400, "is not a valid Consul service name"),
     ],

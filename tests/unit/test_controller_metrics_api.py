@@ -107,6 +107,18 @@ async def test_a_malformed_report_is_a_400_naming_the_field(
     assert says in _doc(resp)["error"]
 
 
+async def test_a_report_from_ahead_of_the_controllers_clock_is_a_400_naming_both(
+    api: ControllerApi,
+) -> None:
+    doc = _report()
+    doc["end"] = T0 + 15 + 86400 * 365  # a year ahead of the controller's clock
+    resp = await api.handle(_post(doc))
+    assert resp.status == 400
+    assert "ahead of the controller's clock" in _doc(resp)["error"]
+    assert "NTP" in _doc(resp)["error"]
+    assert _doc(await api.handle(_post(_report())))["duplicate"] is False  # seq 0 still free
+
+
 @pytest.mark.parametrize(
     ("query", "says"),
     [("window=5d", "window"), ("by=path", "by = 'path'"), ("direction=up", "direction")],

@@ -134,6 +134,18 @@ def test_a_report_older_than_the_retention_is_late_and_counted() -> None:
     assert fleet.query(T0 + 2 * 3600, 3600, "service")["rows"] == []
 
 
+def test_a_report_from_ahead_of_the_clock_is_refused_and_its_seq_stays_free() -> None:
+    """A far-future ``end`` would sit in a slot that never closes; within the skew it lands."""
+    fleet = FleetMetrics()
+    now = T0 + 5
+    res = ingest(fleet, report(0, now + fm.MAX_CLOCK_SKEW_S + 3600, [series([1])]), now)
+    assert res.ahead == pytest.approx(fm.MAX_CLOCK_SKEW_S + 3600)
+    assert fleet.statistics().pending == 0 and fleet.generation == 0
+    # The same seq with the agent's clock fixed is new; a little skew is an honest clock.
+    assert not ingest(fleet, report(0, now + 30, [series([1])]), now).duplicate
+    assert fleet.statistics().pending == 1
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"), [("10s", 10), ("1m", 60), ("15s", 20), ("10m", 600), ("1h", 3600)]
 )

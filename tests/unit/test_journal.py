@@ -222,6 +222,22 @@ def test_corrupt_and_torn_lines_are_skipped_by_file_and_line(tmp_path: Path) -> 
     assert fleet3.query(T0 + 25, 60, "service")["rows"][0]["requests"] == 3
 
 
+def test_a_journalled_line_from_ahead_of_the_clock_is_skipped_at_replay(tmp_path: Path) -> None:
+    """A line written before the clock bound existed (or before the clock stepped back)."""
+    journal, fleet = MetricsJournal(tmp_path), FleetMetrics()
+    record(journal, fleet, report(0, T0 + 10, [series([100])]), T0 + 12)
+    journal.close()
+    ahead = report(1, T0 + 10 + 86400, [series([5])])
+    path = tmp_path / f"{slot_of(ahead['end'])}.jsonl"
+    path.write_text(json.dumps({"accepted": T0, "series_dropped": 0, "report": ahead}) + "\n")
+    fleet2 = FleetMetrics()
+    done = MetricsJournal(tmp_path).replay(fleet2, T0 + 12)
+    assert [(s.path, s.line) for s in done.skipped] == [(path, 1)]
+    assert "ahead of the controller's clock" in done.skipped[0].why
+    assert done.reports == 1
+    assert fleet2.query(T0 + 25, 60, "service")["rows"][0]["requests"] == 1
+
+
 # --- failures ------------------------------------------------------------------------------------
 
 

@@ -225,6 +225,15 @@ class ControllerApi:
                 done = self.journal.record(self.fleet, doc, report, self._clock())
             except JournalError as e:
                 raise ApiError(503, str(e)) from None
+        if done.ahead:
+            _log.warning("metrics_report_ahead", agent=report.agent, seq=report.seq,
+                         ahead_s=round(done.ahead, 1))  # fmt: skip
+            raise ApiError(
+                400,
+                f"bad metrics report: end = {report.end:.0f} is {done.ahead:.0f}s ahead of the "
+                f"controller's clock (at most {metrics.MAX_CLOCK_SKEW_S:g}s is accepted); "
+                "sync the agent's clock (NTP)",
+            )
         if done.late:
             _log.info("metrics_report_late", agent=report.agent, seq=report.seq)
         return Response.json(200, {"accepted": True, "duplicate": done.duplicate})
@@ -296,10 +305,28 @@ class ControllerApi:
         return ident.trust_domain == self.ca.trust_domain and ident.datacenter == self.datacenter
 
     async def _known_node(self, name: str) -> NodeInfo:
+        """The node ``name`` exactly as Consul names it, alive in Consul's gossip, or 403.
+
+        Consul looks node names up without regard to case, so ``WEB-1`` finds ``web-1``: a
+        second identity for one node unless the names are compared here.  A node Consul has
+        marked failed (its ``serfHealth`` check critical) stays in the catalog for days; its
+        identity must not go to whoever holds the join token and its old address."""
         node = await self.catalog.node(name)
         if node is None:
             raise ApiError(
                 403, f"node {name!r} is not in Consul's catalog; join it to Consul first"
+            )
+        if node.name != name:
+            raise ApiError(
+                403,
+                f"Consul names this node {node.name!r}, not {name!r}; node names are exact: "
+                "use the name the node has in Consul",
+            )
+        if not node.alive:
+            raise ApiError(
+                403,
+                f"node {name!r} is not alive in Consul (its serfHealth check is not passing); "
+                "start its Consul agent and let it join before asking for identities",
             )
         return node
 

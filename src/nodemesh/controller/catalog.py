@@ -19,6 +19,7 @@ from nodemesh.errors import NodemeshError
 CONTROLLER_SERVICE = "nodemesh-controller"
 CHECK_INTERVAL = "10s"
 CHECK_TIMEOUT = "2s"
+SERF_CHECK = "serfHealth"  # the check Consul keeps for every node's membership in the gossip
 
 T = TypeVar("T")
 
@@ -32,6 +33,7 @@ class NodeInfo:
     name: str
     address: str
     services: frozenset[str]  # service *names* registered on the node
+    alive: bool  # its Serf health check (``serfHealth``) passes: the node is in the gossip pool
 
 
 class Catalog:
@@ -51,10 +53,15 @@ class Catalog:
             if not data:
                 return None
             services = data.get("Services") or {}
+            _, checks = c.health.node(name)
             return NodeInfo(
                 name=str(data["Node"]["Node"]),
                 address=str(data["Node"]["Address"]),
                 services=frozenset(str(s["Service"]) for s in services.values()),
+                alive=any(
+                    ch.get("CheckID") == SERF_CHECK and ch.get("Status") == "passing"
+                    for ch in checks or ()
+                ),
             )
 
         return await self._run(call)

@@ -189,7 +189,15 @@ class MetricsJournal:
                     )
                     done.skipped.append(SkippedLine(path, number, str(e)))
                     continue
-                if fleet.ingest(report, now).duplicate:
+                got = fleet.ingest(report, now)
+                if got.ahead:  # written before the clock bound, or the clock went back
+                    why = f"end is {got.ahead:.0f}s ahead of the controller's clock"
+                    _log.warning(
+                        "metrics_journal_line_skipped", file=str(path), line=number, why=why
+                    )
+                    done.skipped.append(SkippedLine(path, number, why))
+                    continue
+                if got.duplicate:
                     done.duplicates += 1
                     continue
                 fleet.overflow.series += cut
@@ -205,7 +213,7 @@ class MetricsJournal:
         before = fleet.overflow.series
         done = fleet.ingest(report, now)
         key = (report.agent, report.seq)
-        if done.late:
+        if done.late or done.ahead:
             return done
         if done.duplicate:
             if key not in self._unwritten:

@@ -90,6 +90,10 @@ RETENTION_S = 3600 + SLOT_S  # one full hour of windows, plus the slot being fil
 MAX_WINDOW_S = 3600
 MAX_SERIES_PER_REPORT = 500
 CLOSE_AFTER_S = 2.0  # seconds a slot stays open after it ended (see the module doc)
+# seconds a report's ``end`` may be ahead of the controller's clock (an agent's clock error): one
+# further ahead would land in a slot that does not close for as long, holding its pending series
+# (and, journalled, coming back after every restart).  Refused, naming the clocks.
+MAX_CLOCK_SKEW_S = 60.0
 BLOCK_SLOTS = 30  # five minutes: the second tier
 GROW_EVERY = 12  # compacted slots added to their block together: each time rewrites it
 MAX_PENDING = 300_000  # raw series awaiting compaction; see the module doc for the sizing
@@ -373,6 +377,7 @@ class Overflow:
 class Ingested:
     duplicate: bool
     late: bool = False
+    ahead: float = 0.0  # > 0: refused, its end is this many seconds past now + MAX_CLOCK_SKEW_S
 
 
 @dataclass(frozen=True)
@@ -429,6 +434,8 @@ class FleetMetrics:
     # --- ingest ----------------------------------------------------------------------------
 
     def ingest(self, report: Report, now: float) -> Ingested:
+        if report.end > now + MAX_CLOCK_SKEW_S:  # before its seq counts: the agent may resend
+            return Ingested(duplicate=False, ahead=report.end - now)
         seen = self._seen.setdefault(report.agent, _Seen())
         if not seen.add(report.seq):
             return Ingested(duplicate=True)
