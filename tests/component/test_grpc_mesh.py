@@ -93,8 +93,17 @@ class App:
     """A sans-IO h2 server answering like grpc-core: on the whole request message, reply (echo),
     and reset with NO_ERROR if the client's END_STREAM has not arrived by then."""
 
-    def __init__(self, *, cancel_mid_response: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        cancel_mid_response: bool = False,
+        trailers: list[tuple[bytes, bytes]] = OK_TRAILERS,
+        wait_for_end: bool = False,
+    ) -> None:
         self.cancel_mid_response = cancel_mid_response  # head, then RST_STREAM(CANCEL)
+        self.trailers = trailers  # the response's
+        self.wait_for_end = wait_for_end  # answer only once the request ended (its trailers)
+        self.request_trailers: list[list[tuple[bytes, bytes]]] = []
         self.resets_sent = 0
         self.calls = 0
 
@@ -113,9 +122,13 @@ class App:
                 elif isinstance(ev, h2.events.DataReceived):
                     conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                     bodies[ev.stream_id] += ev.data
+                elif isinstance(ev, h2.events.TrailersReceived):
+                    self.request_trailers.append(list(ev.headers))
                 elif isinstance(ev, h2.events.StreamEnded):
                     ended.add(ev.stream_id)
             for sid, body in list(bodies.items()):  # what this read completed
+                if self.wait_for_end and sid not in ended:
+                    continue
                 if len(body) >= 5 and len(body) >= 5 + struct.unpack(">I", body[1:5])[0]:
                     del bodies[sid]
                     self._reply(conn, sid, body, sid in ended)
@@ -128,7 +141,7 @@ class App:
             conn.reset_stream(sid, Codes.CANCEL)
             return
         conn.send_data(sid, body)
-        conn.send_headers(sid, OK_TRAILERS, end_stream=True)
+        conn.send_headers(sid, self.trailers, end_stream=True)
         if not ended:
             conn.reset_stream(sid, Codes.NO_ERROR)  # RFC 9113 §8.1: stop sending, no error
             self.resets_sent += 1
@@ -148,12 +161,21 @@ class Client:
         self.conn.initiate_connection()
         await self.io.send_all(self.conn.data_to_send())
 
-    async def call(self, payload: bytes, *, end_request: bool) -> list[h2.events.Event]:
+    async def call(
+        self,
+        payload: bytes,
+        *,
+        end_request: bool,
+        trailers: list[tuple[bytes, bytes]] | None = None,
+    ) -> list[h2.events.Event]:
         """One unary call; ``end_request`` False holds the request's END_STREAM back until the
-        response ended (so the app surely answers first).  The stream's events, in order."""
+        response ended (so the app surely answers first); ``trailers`` end the request with
+        them instead.  The stream's events, in order."""
         sid = self.conn.get_next_available_stream_id()
         self.conn.send_headers(sid, CALL)
-        self.conn.send_data(sid, message(payload), end_stream=end_request)
+        self.conn.send_data(sid, message(payload), end_stream=end_request and not trailers)
+        if trailers:
+            self.conn.send_headers(sid, trailers, end_stream=True)
         await self.io.send_all(self.conn.data_to_send())
         got = self.events.setdefault(sid, [])
         with trio.fail_after(WAIT):
@@ -238,3 +260,21 @@ async def test_app_reset_mid_response_reaches_the_client_with_its_code(
     # Each agent that reset its caller's stream said so, once, at info.
     resets = [e for e in logs if e["event"] == "stream_reset"]
     assert [(e["log_level"], e["code"]) for e in resets] == [("info", "CANCEL")] * 2
+
+
+async def test_mesh_headers_in_trailers_are_stripped_both_ways(
+    nursery: trio.Nursery, autojump_clock: Clock
+) -> None:
+    """An app cannot claim a caller identity, or set a mesh header on its callers, by putting
+    ``x-nodemesh-*`` in trailers instead of heads: both agents drop them, other trailers pass."""
+    spoof = (b"x-nodemesh-client-id", b"spiffe://mesh.test/dc/dc1/svc/admin")
+    app = App(trailers=[*OK_TRAILERS, (b"x-nodemesh-error", b"forged"), (b"x-app", b"1")],
+              wait_for_end=True)  # fmt: skip
+    m = _grpc_pair(nursery, app)
+    await m.start()
+    client = Client(m.connect())
+    await client.start()
+    events = await client.call(b"ping", end_request=True, trailers=[spoof, (b"x-req", b"2")])
+    assert app.request_trailers == [[(b"x-req", b"2")]]
+    trailers = next(e for e in events if isinstance(e, h2.events.TrailersReceived))
+    assert trailers.headers == [*OK_TRAILERS, (b"x-app", b"1")]

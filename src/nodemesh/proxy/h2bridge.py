@@ -165,7 +165,7 @@ async def _relay_request_body(down: H2Stream, up: H2Stream, relay: trio.CancelSc
             if ev[0] == "data":
                 await up.send_data(ev[1])
             elif ev[0] == "trailers":
-                await up.end(ev[1])
+                await up.end(mesh_free(ev[1]))
                 return
             elif ev[0] == "end":
                 await up.end()
@@ -196,7 +196,7 @@ async def _relay_response(down: H2Stream, up: H2Stream) -> int:
                     break
                 await down.send_headers(hdrs)
             elif kind == "trailers":
-                trailers = ev[1]
+                trailers = mesh_free(ev[1])
             else:  # end
                 await down.end(trailers)
                 break
