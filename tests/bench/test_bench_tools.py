@@ -328,3 +328,90 @@ def test_timeline_markdown_averages_rates_per_ten_seconds() -> None:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+    import socket
+
+    deadline = time.monotonic() + 20.0
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the floor relay exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listened on {port}")
+
+
+def test_floor_relays_carry_bytes_both_ways_over_mtls(tmp_path: Path) -> None:
+    """floor.py's pair end to end: an echo server behind "in", a client in front of "out"; and
+    "in" refuses a TLS client without a certificate from the floor's CA (it is mTLS)."""
+    import socket
+    import ssl
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "floor.py"
+    py = sys.executable
+    subprocess.run([py, str(script), "certs", str(tmp_path)], check=True, timeout=60)
+    echo = socket.create_server(("127.0.0.1", 0))
+    app_port = echo.getsockname()[1]
+
+    def echo_one(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def serve_echo() -> None:  # every connection (the readiness probes' too) until closed
+        while True:
+            try:
+                conn, _ = echo.accept()
+            except OSError:
+                return
+            threading.Thread(target=echo_one, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve_echo, daemon=True).start()
+    tls_port, plain_port = _free_port(), _free_port()
+    procs = [
+        subprocess.Popen(
+            [py, str(script), "relay", "--role", role, "--certs", str(tmp_path), "--route", route]
+        )
+        for role, route in (
+            ("in", f"127.0.0.1:{tls_port}=127.0.0.1:{app_port}"),
+            ("out", f"127.0.0.1:{plain_port}=127.0.0.1:{tls_port}"),
+        )
+    ]
+    try:
+        for port, proc in zip((tls_port, plain_port), procs, strict=True):
+            _wait_listening(port, proc)
+        payload = os.urandom(3 << 20)
+        with socket.create_connection(("127.0.0.1", plain_port), timeout=10.0) as c:
+            threading.Thread(target=c.sendall, args=(payload,), daemon=True).start()
+            got = bytearray()
+            while len(got) < len(payload):
+                chunk = c.recv(1 << 20)
+                assert chunk, f"closed after {len(got)} of {len(payload)} bytes"
+                got += chunk
+        assert got == payload
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "roots.pem"))
+        ctx.check_hostname = False
+        with (
+            socket.create_connection(("127.0.0.1", tls_port), timeout=10.0) as raw,
+            pytest.raises((ssl.SSLError, ConnectionError)),
+            ctx.wrap_socket(raw) as tls,
+        ):
+            tls.sendall(b"x")
+            assert tls.recv(1) == b""  # TLS 1.3: the refusal comes after the handshake
+            raise ConnectionError("closed")
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+        echo.close()
