@@ -34,7 +34,7 @@ from pathlib import Path
 import trio
 
 from nodemesh import __version__, log, sdnotify
-from nodemesh.agent import iptables
+from nodemesh.agent import heap, iptables
 from nodemesh.agent.admin import Admin
 from nodemesh.agent.state import AgentState
 from nodemesh.config import RELOADABLE, AgentConfig, load_agent_config
@@ -199,6 +199,7 @@ async def serve_agent(
         root.start_soon(outbound.pool.serve_reaper)
         root.start_soon(inbound.pool.serve_reaper)
         await root.start(idle.serve)
+        await root.start(heap.serve)
         try:
             with trio.CancelScope() as drain_scope:
                 async with trio.open_nursery() as conns:
