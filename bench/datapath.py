@@ -1,7 +1,7 @@
 """The agents' own cost per request, in one process, without root, Consul or namespaces.
 
     .venv/bin/python bench/datapath.py [--connections 16] [--duration 5] [--profile]
-    .venv/bin/python bench/datapath.py --floor [http|l4]    # the least a hop can do, in place
+    .venv/bin/python bench/datapath.py --floor [http|codec|l4]  # the least a hop can do, in place
 
 Both agents' production data paths (``Outbound`` on "a", ``Inbound`` on "b", the component
 tests' mesh pair: real certificates from a real CA, real pools, balancer and recorder) run in
@@ -229,6 +229,55 @@ async def relay(down: Any, up: Any) -> None:
         return
 
 
+async def codec_relay(down: Any, up: Any) -> None:
+    """``relay`` with the agents' own HTTP/1.1 codec (llhttp, ``protocol/h1codec.py``) in place
+    of h11: per request, parse, write the head on from its parsed pieces (the same calls the
+    forwarder makes), parse the response, write it back in one write.  No routing, pool,
+    balancer, metrics, header policy, timeouts or error answers: what an L7 hop built from the
+    agents' codec and streams cannot skip."""
+    from nodemesh.protocol.h1codec import (
+        NEED_DATA,
+        ClientConn,
+        Data,
+        EndOfMessage,
+        Request,
+        Response,
+        ServerConn,
+    )
+    from nodemesh.transport.edges import IO_ERRORS
+
+    ds, us = ServerConn(), ClientConn()
+    try:
+        while True:
+            while (req := ds.next_event()) is NEED_DATA:
+                ds.receive_data(await down.receive_some(65536))
+            if type(req) is not Request:
+                return
+            if not ds.request_done:  # GETs only: a head without a body is done
+                return
+            head = us.send_request(req.method, req.target, req.headers, req.framing)
+            await up.send_all(head + us.send_end())
+            out = []
+            while True:
+                ev = us.next_event()
+                t = type(ev)
+                if ev is NEED_DATA:
+                    us.receive_data(await up.receive_some(65536))
+                elif t is Response:
+                    out.append(ds.send_response(ev, ev.headers))
+                elif t is Data:
+                    out.append(ds.send_data(ev.data))
+                elif t is EndOfMessage:
+                    out.append(ds.send_end())
+                    break
+                else:
+                    return
+            await down.send_all(b"".join(out))
+            ds.start_next_cycle()
+    except IO_ERRORS:
+        return
+
+
 async def floor(args: argparse.Namespace, app_port: int) -> dict[str, object]:
     """``relay`` in place of each agent: app conn -> relay -> mTLS -> relay -> app, 1:1.
 
@@ -251,7 +300,7 @@ async def floor(args: argparse.Namespace, app_port: int) -> dict[str, object]:
     client_ctx = a.identities.client_context(None, http1=True)
     server_ctx = b.identities.server_context()
     ports: dict[str, int] = {}
-    hop = splice if args.floor == "l4" else relay
+    hop = {"l4": splice, "codec": codec_relay}.get(args.floor, relay)
 
     async def outbound(stream: trio.SocketStream) -> None:
         down = SocketIO.adopt(stream)
@@ -399,8 +448,9 @@ def main() -> int:
         "--floor",
         nargs="?",
         const="http",
-        choices=("http", "l4"),
-        help="the least proxies in place: an h11 relay (http, the default), or bytes copied (l4)",
+        choices=("http", "codec", "l4"),
+        help="the least proxies in place: an h11 relay (http, the default), the same relay "
+        "with the agents' llhttp codec (codec), or bytes copied (l4)",
     )
     ap.add_argument("--bulk-mib", type=int, default=0, help="one opaque transfer of this size")
     ap.add_argument("--app", type=int, help=argparse.SUPPRESS)
