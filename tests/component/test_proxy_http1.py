@@ -31,6 +31,7 @@ from nodemesh.proxy.http1 import MAX_HEADER_BYTES, IdleSet, serve_http1
 from nodemesh.proxy.pool import Pool, Upstream
 from nodemesh.transport.edges import close_quietly
 from tests.component.meshpair import (
+    APP,
     DC,
     NODE_A,
     TD,
@@ -1170,3 +1171,33 @@ async def test_inbound_does_not_deliver_to_an_address_its_host_does_not_own(
         assert r.status == 403, (r.status, r.body)
         assert m.pair.app_links == 0
         await c.stream.aclose()
+
+
+async def test_an_address_two_services_claim_is_refused_not_given_to_either(
+    autojump_clock: Clock,
+) -> None:
+    """``aaa`` registered on b at web's address.  Before, the first name took the address: a's
+    calls for web went to b as ``aaa``.  Now a ends the connection without a byte or a dial."""
+    raw = catalog()
+    raw["aaa"] = [_entry("b", *APP)]
+    async with mesh() as m:
+        _issue(m.pair.b.identities, spiffe.service_id(TD, DC, "aaa"))
+        m.pair.a.publish(build(raw, "a"))
+        m.pair.b.publish(build(raw, "b"))
+        dialed: list[tuple[str, int]] = []
+        dial = m.pair.outbound.dial
+
+        async def recording_dial(host: str, port: int, timeout: float) -> trio.abc.Stream:
+            dialed.append((host, port))
+            return await dial(host, port, timeout)
+
+        m.pair.outbound.dial = recording_dial
+        served = trio.Event()
+        stream = m.pair.connect(APP, served=served)
+        await stream.send_all(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n")
+        with trio.fail_after(5):
+            assert await stream.receive_some(65536) == b""
+        await served.wait()
+        # Refused as ambiguous: not sent to b, nor dialed as egress (plain, to whoever listens).
+        assert dialed == []
+        assert (m.pair.agent_links, m.pair.app_links) == (0, 0)

@@ -830,6 +830,18 @@ def test_no_local_services_is_fine() -> None:
     assert all(r.ok for r in got)
 
 
+def test_two_services_at_one_address_fail_naming_both() -> None:
+    node = catalog_node(*NODE_SERVICES, ("aaa-h1-8090", "aaa", 8090))
+    got = results(replace(healthy(), consul_node=node))
+    r = one(got, "service-address-198.18.0.4:8090")
+    assert r.level == "error"
+    assert r.message == (
+        "198.18.0.4:8090 is registered by 2 services: aaa (aaa-h1-8090), shop (shop-h1-8090); "
+        "the mesh refuses calls to it until only one claims it"
+    )
+    assert "consul services deregister -id" in r.hint
+
+
 def test_service_without_checks_is_fine() -> None:
     got = results(replace(healthy(), consul_checks=with_checks(*HEALTHY_CHECKS[:2])))
     r = one(got, "service-check-shop-h1-8090")

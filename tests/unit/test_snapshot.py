@@ -222,14 +222,33 @@ def test_ipv6_address_is_normalised() -> None:
     assert snap.resolve("2001:db8::1", 8080) == "web"
 
 
-def test_duplicate_address_across_services_goes_to_one_and_is_reported() -> None:
-    # Dict order puts web first; the owner must not depend on it (sorted: api wins).
-    raw = mesh(web=[entry("h1", "web", 8080)], api=[entry("h1", "api", 8080)])
+def test_an_address_two_services_claim_belongs_to_neither_and_is_reported() -> None:
+    """Picking one (it was the first by name) let a registration named ``aaa`` at payments'
+    address take payments' traffic; which service a caller meant cannot be told."""
+    raw = mesh(
+        payments=[entry("h1", "payments", 8080), entry("h2", "payments", 8080)],
+        aaa=[entry("h1", "aaa", 8080)],
+    )
+    for node in ("h1", "h2"):  # the claimed address's own host, and a caller's
+        snap = build_on_host(raw, node, own_address={NODES[node]}.__contains__)
+        assert snap.ambiguous == {("198.18.0.1", 8080): ("aaa", "payments")}
+        assert snap.resolve("198.18.0.1", 8080) is None
+        assert not snap.is_local_instance("payments", "198.18.0.1", 8080)
+        assert not snap.is_local_instance("aaa", "198.18.0.1", 8080)
+        assert snap.rejected == (
+            "198.18.0.1:8080 is registered by 2 services (aaa, payments); "
+            "calls to it are refused until only one claims it",
+        )
+        # payments' other instance is untouched; aaa has no endpoint left
+        assert [e.address for e in snap.endpoints["payments"]] == ["198.18.0.2"]
+        assert snap.endpoints["aaa"] == ()
+        assert snap.resolve("198.18.0.2", 8080) == "payments"
+
+
+def test_one_service_registered_twice_at_one_address_is_not_ambiguous() -> None:
+    raw = mesh(web=[entry("h1", "web", 8080), entry("h1", "web", 8080)])
     snap = build(raw, "h1")
-    assert snap.resolve("198.18.0.1", 8080) == "api"
-    assert snap.rejected == ("web: 198.18.0.1:8080 is already registered as api",)
-    assert [e.service for e in snap.endpoints["api"]] == ["api"]
-    assert "web" not in snap.endpoints
+    assert snap.ambiguous == {} and snap.resolve("198.18.0.1", 8080) == "web"
 
 
 # --- local services, protocols, controllers -----------------------------------------------------

@@ -203,6 +203,30 @@ def local_instances(node: CatalogNode) -> list[tuple[str, str]]:
     return [(i.service, i.id) for i in node.instances if i.service not in UNMESHED_SERVICES]
 
 
+def _shared_addresses(node: CatalogNode) -> list[Result]:
+    """An ip:port that two services on this node claim: the agents refuse calls to it
+    (``discovery/snapshot.py``), so say which registrations to untangle."""
+    claims: dict[tuple[str, int], dict[str, str]] = {}
+    for i in node.instances:
+        if i.service not in UNMESHED_SERVICES:
+            claims.setdefault((i.address, i.port), {}).setdefault(i.service, i.id)
+    out = []
+    for (ip, port), by_name in sorted(claims.items()):
+        if len(by_name) > 1:
+            names = ", ".join(f"{s} ({i})" for s, i in sorted(by_name.items()))
+            out.append(
+                fail(
+                    SERVICES,
+                    f"service-address-{ip}:{port}",
+                    f"{ip}:{port} is registered by {len(by_name)} services: {names}; the mesh "
+                    "refuses calls to it until only one claims it",
+                    "deregister the one that does not listen there "
+                    "(consul services deregister -id <id>)",
+                )
+            )
+    return out
+
+
 def services(
     cfg: AgentConfig, node: CatalogNode | str | None, checks: list[NodeCheck] | str
 ) -> list[Result]:
@@ -219,6 +243,7 @@ def services(
         ]
     listed = ", ".join(f"{s} ({i})" for s, i in local)
     out = [ok(SERVICES, "local-services", f"services registered on node {cfg.node}: {listed}")]
+    out += _shared_addresses(node)
     if isinstance(checks, str):
         out.append(
             fail(

@@ -184,6 +184,7 @@ class Instance:
     id: str
     service: str
     port: int
+    address: str = ""  # the service's own Address, else the node's
 
 
 @dataclass(frozen=True)
@@ -225,8 +226,9 @@ def parse_catalog_node(reply: Reply) -> CatalogNode | None:
         if not isinstance(svc, Mapping):
             continue
         name, port = svc.get("Service"), svc.get("Port")
+        where = svc.get("Address") or address
         if isinstance(name, str) and name and isinstance(port, int):
-            out.append(Instance(str(sid), name, port))
+            out.append(Instance(str(sid), name, port, where if isinstance(where, str) else ""))
     return CatalogNode(address if isinstance(address, str) else "", tuple(out))
 
 

@@ -77,6 +77,8 @@ class Snapshot:
     local: Mapping[str, frozenset[tuple[str, int]]] = field(default_factory=dict)
     # healthy nodemesh controllers (the API address agents call)
     controllers: tuple[tuple[str, int], ...] = ()
+    # instance ip:port claimed by more than one service -> those services: refused for all
+    ambiguous: Mapping[tuple[str, int], tuple[str, ...]] = field(default_factory=dict)
     # human-readable reasons for entries that were skipped
     rejected: tuple[str, ...] = ()
 
@@ -169,6 +171,19 @@ def build(
     controllers = tuple(
         (i.address, i.port) for i in instances.get(CONTROLLER_SERVICE, []) if i.passing
     )
+    # An ip:port that two services claim belongs to neither: which one a caller meant cannot
+    # be told, and picking one lets any registration take another service's traffic.
+    claims: dict[tuple[str, int], set[str]] = {}
+    for service, insts in instances.items():
+        if service not in UNMESHED_SERVICES:
+            for inst in insts:
+                claims.setdefault((inst.address, inst.port), set()).add(service)
+    ambiguous = {k: tuple(sorted(v)) for k, v in claims.items() if len(v) > 1}
+    for (ip, port), names in sorted(ambiguous.items()):
+        rejected.append(
+            f"{ip}:{port} is registered by {len(names)} services ({', '.join(names)}); "
+            "calls to it are refused until only one claims it"
+        )
     by_addr: dict[tuple[str, int], str] = {}
     endpoints: dict[str, list[Endpoint]] = {}
     local: dict[str, set[tuple[str, int]]] = {}
@@ -177,6 +192,9 @@ def build(
         if service in UNMESHED_SERVICES:
             continue
         for inst in instances[service]:
+            if (inst.address, inst.port) in ambiguous:
+                endpoints.setdefault(service, [])
+                continue
             declared = inst.meta.get("protocol", "").lower()
             if declared in DECLARED_PROTOCOLS:
                 protocols.setdefault(service, declared)
@@ -194,13 +212,7 @@ def build(
             peer = agents.get(inst.node)
             if peer is None:
                 continue  # no agent on that node: not meshed, its traffic is egress
-            key = (inst.address, inst.port)
-            owner = by_addr.setdefault(key, service)
-            if owner != service:
-                rejected.append(
-                    f"{service}: {inst.address}:{inst.port} is already registered as {owner}"
-                )
-                continue
+            by_addr[inst.address, inst.port] = service
             if inst.passing and inst.node in agent_passing:
                 endpoints.setdefault(service, []).append(
                     Endpoint(service, inst.node, inst.address, inst.port, peer)
@@ -215,5 +227,6 @@ def build(
         protocols=protocols,
         controllers=controllers,
         local={s: frozenset(a) for s, a in local.items()},
+        ambiguous=ambiguous,
         rejected=tuple(rejected),
     )

@@ -140,6 +140,12 @@ class Outbound:
         ip, port = dst
         service = agent.snapshot.resolve(ip, port)
         if service is None:
+            claimed = agent.snapshot.ambiguous.get(dst)
+            if claimed is not None:  # not egress either: it is some service, just not one
+                _log.debug(
+                    "outbound_ambiguous_refused", dst=f"{ip}:{port}", services=",".join(claimed)
+                )
+                return
             await self._egress(stream, ip, port)
             return
         prefix = b""
