@@ -350,7 +350,8 @@ async def test_oversized_body_is_413_before_it_is_read(ctl: Running) -> None:
     with trio.fail_after(10):
         stream = await _tls(ctl)
         conn = h11.Connection(h11.CLIENT)
-        head = [("host", "x"), ("content-length", str(10 * 1024 * 1024))]
+        auth = ("authorization", f"Bearer {TOKEN}")  # admitted: the size is what refuses it
+        head = [("host", "x"), ("content-length", str(10 * 1024 * 1024)), auth]
         req = h11.Request(method="POST", target="/v1/sign/node", headers=head)
         await stream.send_all(conn.send(req) + conn.send(h11.Data(data=b"x" * 1000)))
         status, body, headers = await _read_response(conn, stream)
@@ -366,6 +367,7 @@ async def test_chunked_body_over_the_limit_is_413(ctl: Running) -> None:
         stream = await _tls(ctl)
         conn = h11.Connection(h11.CLIENT)
         head = [("host", "x"), ("transfer-encoding", "chunked")]
+        head.append(("authorization", f"Bearer {TOKEN}"))  # admitted: the size refuses it
         await stream.send_all(
             conn.send(h11.Request(method="POST", target="/v1/sign/node", headers=head))
         )
@@ -586,3 +588,52 @@ def test_the_controller_process_stops_cleanly_on_sigterm(
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+# --- refused before the body ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "says"),
+    [
+        ("/v1/metrics/report", [], 401, "needs a certificate of this mesh"),
+        ("/v1/sign/service", [], 401, "node's certificate as TLS client cert"),
+        ("/v1/sign/node", [("authorization", "Bearer guess")], 401, "join token does not match"),
+    ],
+)
+async def test_a_caller_it_would_refuse_is_refused_on_the_head_before_any_body(
+    ctl: Running, path: str, headers: list[tuple[str, str]], status: int, says: str
+) -> None:
+    """16 uploads that announced a 4 MiB report and then stalled, with no certificate, held
+    121 MB of the controller's memory: the body was read before the caller was looked at.  Now
+    the answer comes as soon as the head is in, and no body byte is ever sent here."""
+    with trio.fail_after(5):  # before: no answer until REQUEST_TIMEOUT (30 s)
+        stream = await _tls(ctl)
+        conn = h11.Connection(h11.CLIENT)
+        head = [("host", "x"), ("content-length", str(4 * 1024 * 1024 - 1)), *headers]
+        await stream.send_all(conn.send(h11.Request(method="POST", target=path, headers=head)))
+        got, raw, resp_headers = await _read_response(conn, stream)
+    assert got == status and says in json.loads(raw)["error"]
+    assert resp_headers[b"connection"] == b"close"
+    await stream.aclose()
+
+
+async def test_connections_over_the_cap_are_closed_at_once(
+    ctl: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nodemesh.controller import api
+
+    held = [await _tls(ctl) for _ in range(3)]
+    monkeypatch.setattr(api, "MAX_CONNECTIONS", 3)
+    tcp = await trio.open_tcp_stream("127.0.0.1", ctl.port)
+    ctx = tls.client_context(None, None, ctl.roots, alpn=("http/1.1",))
+    fourth = trio.SSLStream(tcp, ctx, server_hostname="nodemesh-controller")
+    try:
+        with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+            await fourth.do_handshake()  # closed before the handshake
+    finally:
+        await trio.aclose_forcefully(fourth)
+    for s in held:
+        await s.aclose()
+    await trio.sleep(0.1)
+    await _healthy(ctl)  # room again

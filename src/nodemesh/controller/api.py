@@ -22,6 +22,7 @@ heads and bodies, keep-alive, and one broken connection never touches another.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -56,6 +57,10 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds
 IDLE_TIMEOUT = 30.0  # seconds a kept-alive connection may sit between requests
 REQUEST_TIMEOUT = 30.0  # seconds for one request to arrive in full once it started
 LINGER_TIMEOUT = 2.0  # seconds to drain a refused request before closing
+# Open connections, authenticated or not; more are closed at once.  A fleet's agents keep one
+# kept-alive connection each while they report, so this is the fleet size one controller takes.
+MAX_CONNECTIONS = 4096
+MAX_BIG_BODIES = 16  # report bodies (up to MAX_REPORT_BODY) read at the same time
 LINGER_BYTES = 1024 * 1024
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,126}")
 
@@ -142,15 +147,45 @@ class ControllerApi:
             ("POST", "/v1/metrics/report"): self._metrics_report,
             ("GET", "/v1/metrics"): self._metrics_query,
         }
+        # What each endpoint demands of the caller, decided from the head alone: the server
+        # asks (``admit``) before it reads a body, so nobody it would refuse can make it hold
+        # one (a 4 MiB report body was read before the certificate was looked at).
+        self._gates: dict[tuple[str, str], Callable[[Request], object]] = {
+            ("POST", "/v1/sign/node"): lambda r: self._check_token(
+                r.headers.get("authorization", "")
+            ),
+            ("POST", "/v1/sign/service"): self._gate_sign_service,
+            ("POST", "/v1/metrics/report"): self._gate_report,
+            ("GET", "/v1/metrics"): self._caller,
+        }
+
+    def admit(self, head: Request) -> Response | None:
+        """The refusal for a request from its head (its ``body`` not read yet), or None: read
+        the body and ``handle`` it."""
+        try:
+            self._route_and_gate(head)
+        except ApiError as e:
+            _log.info(
+                "api_refused", path=head.path, peer=head.peer_ip, status=e.status, why=e.message
+            )
+            return Response.error(e.status, e.message)
+        return None
+
+    def _route_and_gate(self, req: Request) -> Callable[[Request], Awaitable[Response]]:
+        route = self._routes.get((req.method, req.path))
+        if route is None:
+            if any(path == req.path for _, path in self._routes):
+                raise ApiError(405, f"{req.method} is not allowed on {req.path}")
+            raise ApiError(404, f"no such endpoint {req.path}; see docs/identity.md")
+        gate = self._gates.get((req.method, req.path))
+        if gate is not None:
+            gate(req)
+        return route
 
     async def handle(self, req: Request) -> Response:
         """The one rescue: every failure becomes one status and one sentence."""
-        route = self._routes.get((req.method, req.path))
         try:
-            if route is None:
-                if any(path == req.path for _, path in self._routes):
-                    raise ApiError(405, f"{req.method} is not allowed on {req.path}")
-                raise ApiError(404, f"no such endpoint {req.path}; see docs/identity.md")
+            route = self._route_and_gate(req)
             return await route(req)
         except ApiError as e:
             _log.info(
@@ -170,7 +205,6 @@ class ControllerApi:
         return Response(200, self.ca.roots_pem, "application/x-pem-file")
 
     async def _sign_node(self, req: Request) -> Response:
-        self._check_token(req.headers.get("authorization", ""))
         csr_pem, _ = _parse_body(req.body, need_service=False)
         csr = _load_csr(csr_pem)
         asked = keys.csr_identity(csr)
@@ -187,11 +221,7 @@ class ControllerApi:
         return self._issue(csr_pem, asked)
 
     async def _sign_service(self, req: Request) -> Response:
-        caller = req.peer
-        if caller is None:
-            raise ApiError(401, "this endpoint needs the node's certificate as TLS client cert")
-        if caller.kind != "node" or not self._ours(caller):
-            raise ApiError(403, f"{caller} is not a node of datacenter {self.datacenter!r}")
+        caller = self._gate_sign_service(req)
         csr_pem, service = _parse_body(req.body, need_service=True)
         _load_csr(csr_pem)
         node = await self._known_node(caller.name)
@@ -206,9 +236,7 @@ class ControllerApi:
         )
 
     async def _metrics_report(self, req: Request) -> Response:
-        caller = self._caller(req)
-        if caller.kind != "node":
-            raise ApiError(403, f"{caller} is not a node; agents report with their node cert")
+        caller = self._gate_report(req)
         try:
             doc = json.loads(req.body)
             report = metrics.parse_report(doc)
@@ -239,7 +267,6 @@ class ControllerApi:
         return Response.json(200, {"accepted": True, "duplicate": done.duplicate})
 
     async def _metrics_query(self, req: Request) -> Response:
-        self._caller(req)
         self._check_replayed()
         args = dict(urllib.parse.parse_qsl(req.query))
         try:
@@ -287,6 +314,20 @@ class ControllerApi:
             raise ApiError(
                 401, "the join token does not match this cluster's; check join_token_file"
             )
+
+    def _gate_sign_service(self, req: Request) -> SpiffeId:
+        caller = req.peer
+        if caller is None:
+            raise ApiError(401, "this endpoint needs the node's certificate as TLS client cert")
+        if caller.kind != "node" or not self._ours(caller):
+            raise ApiError(403, f"{caller} is not a node of datacenter {self.datacenter!r}")
+        return caller
+
+    def _gate_report(self, req: Request) -> SpiffeId:
+        caller = self._caller(req)
+        if caller.kind != "node":
+            raise ApiError(403, f"{caller} is not a node; agents report with their node cert")
+        return caller
 
     def _check_replayed(self) -> None:
         if self.journal is not None and not self.journal.ready:
@@ -393,15 +434,29 @@ async def serve_api(
     """Serve the API on ``listen``; ``ssl_context()`` is asked per connection (rotation)."""
     host, port = listen
     listeners = await trio.open_tcp_listeners(port, host=host)
+    big_bodies = trio.Semaphore(MAX_BIG_BODIES)
+    open_now = 0
+    refused_at = -math.inf
 
     async def handler(stream: trio.SocketStream) -> None:
-        await _serve_connection(api, stream, ssl_context())
+        nonlocal open_now, refused_at
+        if open_now >= MAX_CONNECTIONS:  # closed at once: no TLS, no buffers
+            if trio.current_time() - refused_at >= 10.0:  # one line per 10 s, not per attempt
+                refused_at = trio.current_time()
+                _log.warning("api_connections_full", limit=MAX_CONNECTIONS)
+            await trio.aclose_forcefully(stream)
+            return
+        open_now += 1
+        try:
+            await _serve_connection(api, stream, ssl_context(), big_bodies)
+        finally:
+            open_now -= 1
 
     await trio.serve_listeners(handler, listeners, task_status=task_status)
 
 
 async def _serve_connection(
-    api: ControllerApi, tcp: trio.SocketStream, ctx: ssl.SSLContext
+    api: ControllerApi, tcp: trio.SocketStream, ctx: ssl.SSLContext, big_bodies: trio.Semaphore
 ) -> None:
     try:
         peer_ip = str(tcp.socket.getpeername()[0])
@@ -412,7 +467,7 @@ async def _serve_connection(
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await stream.do_handshake()
-        await _serve_http(api, stream, peer_ip, tls.peer_identity(stream))
+        await _serve_http(api, stream, peer_ip, tls.peer_identity(stream), big_bodies)
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as e:
         # Garbage instead of TLS, resets, slow clients: the client's problem, not ours.
         _log.debug("api_conn_closed", peer=peer_ip, why=repr(e.__cause__ or e))
@@ -427,6 +482,7 @@ async def _serve_http(
     stream: trio.SSLStream[trio.SocketStream],
     peer_ip: str,
     peer: SpiffeId | None,
+    big_bodies: trio.Semaphore,
 ) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     while True:
@@ -440,8 +496,21 @@ async def _serve_http(
                 # h11 bounds only *incomplete* heads; one that completes in the last read
                 # slips past it, so the size is checked again here.
                 raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+            path, _, query = event.target.decode("ascii", "replace").partition("?")
+            method = event.method.decode("ascii", "replace")
+            head = Request(method, path, headers, b"", peer_ip, peer, query)
+            refused = api.admit(head)
+            if refused is not None:  # before a byte of the body: it is never read
+                await _send(conn, stream, refused)
+                await _linger(stream)
+                return
             with trio.fail_after(REQUEST_TIMEOUT):
-                body = await _read_body(conn, stream, event)
+                if _body_limit(event.target) > MAX_BODY:  # few large bodies read at once
+                    async with big_bodies:
+                        body = await _read_body(conn, stream, event)
+                else:
+                    body = await _read_body(conn, stream, event)
         except h11.RemoteProtocolError as e:
             await _send(conn, stream, Response.error(e.error_status_hint, f"bad HTTP request: {e}"))
             await _linger(stream)
@@ -451,18 +520,7 @@ async def _serve_http(
             await _send(conn, stream, Response.error(413, f"request body over {limit} bytes"))
             await _linger(stream)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
-        path, _, query = event.target.decode("ascii", "replace").partition("?")
-        req = Request(
-            method=event.method.decode("ascii"),
-            path=path,
-            headers=headers,
-            body=body,
-            peer_ip=peer_ip,
-            peer=peer,
-            query=query,
-        )
-        await _send(conn, stream, await api.handle(req))
+        await _send(conn, stream, await api.handle(dataclasses.replace(head, body=body)))
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return  # the client asked to close, or HTTP/1.0
         conn.start_next_cycle()
