@@ -296,13 +296,16 @@ def flows(pcap: bytes) -> dict[Flow, bytes]:
     """Each TCP direction's payload in sequence order (pure: classic pcap, Ethernet, IPv4).
 
     Retransmitted or overlapping segments are taken once; a gap (a packet the capture missed)
-    ends that direction's bytes there, so what is returned is always a true prefix.
+    ends that direction's bytes there, so what is returned is always a true prefix.  Sequence
+    numbers are taken relative to the first one seen in each direction, modulo 2**32: a bulk
+    transfer's sequence space wraps wherever its random start puts it.
     """
     if len(pcap) < 24:
         return {}
     magic = pcap[:4]
     order = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
     segments: dict[Flow, dict[int, bytes]] = {}
+    bases: dict[Flow, int] = {}
     pos = 24
     while pos + 16 <= len(pcap):
         incl = struct.unpack(order + "I", pcap[pos + 8 : pos + 12])[0]
@@ -320,18 +323,19 @@ def flows(pcap: bytes) -> dict[Flow, bytes]:
         payload = tcp[(tcp[12] >> 4) * 4 :]
         if payload:
             key = (_ipv4(ip[12:16]), sport, _ipv4(ip[16:20]), dport)
-            segments.setdefault(key, {}).setdefault(seq, payload)
+            base = bases.setdefault(key, seq)
+            segments.setdefault(key, {}).setdefault((seq - base) % 2**32, payload)
     out: dict[Flow, bytes] = {}
-    for key, by_seq in segments.items():
-        seqs = sorted(by_seq)
+    for key, by_offset in segments.items():
+        offsets = sorted(by_offset)
         data = bytearray()
-        nxt = seqs[0]
-        for seq in seqs:
-            piece = by_seq[seq]
-            if seq > nxt:
+        nxt = offsets[0]
+        for off in offsets:
+            piece = by_offset[off]
+            if off > nxt:
                 break  # a gap: keep only the true prefix
-            data += piece[nxt - seq :]
-            nxt = max(nxt, seq + len(piece))
+            data += piece[nxt - off :]
+            nxt = max(nxt, off + len(piece))
         out[key] = bytes(data)
     return out
 
