@@ -164,9 +164,10 @@ async def test_report_endpoint_refusals_over_the_wire(
     status, _ = await _request(ctl, "GET", "/v1/metrics?window=1m")
     assert status == 401
 
-    # Over the size bound: 413 from the head alone, before a byte of the body is sent.
+    # Over the size bound: 413 from the head alone, before a byte of the body is sent (with the
+    # node's certificate: without one the head is refused 401 first).
     with trio.fail_after(10):
-        stream = await _tls(ctl)
+        stream = await _tls(ctl, pair=pair)
         conn = h11.Connection(h11.CLIENT)
         head = [("host", "x"), ("content-length", str(8 * 1024 * 1024))]
         await stream.send_all(
