@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import socket
 import tomllib
@@ -454,14 +455,43 @@ def load_controller_config(path: Path) -> ControllerConfig:
     return controller_config_from_mapping(_read(path), str(path))
 
 
+SECRET_MIN, SECRET_MAX = 16, 4096  # characters of a join token
+
+
 def read_secret(path: Path, what: str) -> str:
-    """Read a one-line secret file (the join token); errors say which file and how to fix it."""
+    """Read a one-line secret file (the join token); errors say which file and how to fix it.
+
+    The file must not be readable by every local user nor writable by anyone but its owner
+    (a world-readable token lets any local user ask for the node's identity), and the token
+    must be 16 to 4,096 printable characters: a short one can be guessed, and the file is read
+    whole into memory."""
     try:
-        value = path.read_text().strip()
+        with path.open("rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            raw = f.read(SECRET_MAX + 2)  # a token, its newline, and one byte to tell "longer"
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file; write the cluster's {what} there") from None
     except PermissionError:
         raise ConfigError(f"{path}: permission denied; make the {what} readable") from None
+    if mode & 0o026:  # world-readable, or writable by group or others
+        who = "every local user can read it" if mode & 0o004 else "others can change it"
+        raise ConfigError(
+            f"{path}: mode {mode & 0o777:04o}: {who}; chmod 0640 (owner root, group of the "
+            "daemon's user) or 0600"
+        )
+    try:
+        value = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        value = "\x00"  # refused below as not printable
     if not value:
         raise ConfigError(f"{path}: is empty; write the cluster's {what} there")
+    if len(raw) > SECRET_MAX + 1 or len(value) > SECRET_MAX:
+        raise ConfigError(f"{path}: the {what} is longer than {SECRET_MAX} characters")
+    if not value.isprintable() or any(c.isspace() for c in value):
+        raise ConfigError(f"{path}: the {what} must be one line of printable ASCII, no spaces")
+    if len(value) < SECRET_MIN:
+        raise ConfigError(
+            f"{path}: the {what} has {len(value)} characters, fewer than {SECRET_MIN}; "
+            "write a long random one (openssl rand -base64 32)"
+        )
     return value

@@ -61,6 +61,7 @@ class Running:
 
 def _config(tmp: Path, consul_port: int, leaf_ttl: str = "1h") -> object:
     (tmp / "join-token").write_text(TOKEN + "\n")
+    (tmp / "join-token").chmod(0o600)
     cfg = controller_config_from_mapping(
         {
             "controller": {
@@ -554,6 +555,7 @@ def test_the_controller_process_stops_cleanly_on_sigterm(
     dev_consul: DevConsul, tmp_path: Path
 ) -> None:
     (tmp_path / "join-token").write_text(TOKEN + "\n")
+    (tmp_path / "join-token").chmod(0o600)
     (listen,) = free_ports(1)
     config = tmp_path / "controller.toml"
     config.write_text(

@@ -42,6 +42,7 @@ class Controller:
 
     def __init__(self, tmp: Path, consul_port: int) -> None:
         (tmp / "join-token").write_text(TOKEN + "\n")
+        (tmp / "join-token").chmod(0o600)
         (self.port,) = free_ports(1)
         self.state = tmp / "state"
         self.config = tmp / "controller.toml"

@@ -320,15 +320,42 @@ def test_unreadable_file(tmp_path: Path) -> None:
         load_agent_config(p)
 
 
-def test_read_secret(tmp_path: Path) -> None:
+def _secret(tmp_path: Path, text: str | bytes, mode: int = 0o640) -> Path:
     p = tmp_path / "join-token"
-    p.write_text("  s3cret\n")
-    assert read_secret(p, "join token") == "s3cret"
-    p.write_text(" \n")
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    p.chmod(mode)
+    return p
+
+
+def test_read_secret(tmp_path: Path) -> None:
+    assert read_secret(_secret(tmp_path, "  s3cret-join-token\n"), "join token") == (
+        "s3cret-join-token"
+    )
+    assert read_secret(_secret(tmp_path, "x" * 4096 + "\n", 0o600), "join token") == "x" * 4096
     with pytest.raises(ConfigError, match=r"is empty; write the cluster's join token there"):
-        read_secret(p, "join token")
+        read_secret(_secret(tmp_path, " \n"), "join token")
     with pytest.raises(ConfigError, match="no such file"):
         read_secret(tmp_path / "absent", "join token")
+
+
+@pytest.mark.parametrize(
+    ("text", "mode", "says"),
+    [
+        ("s3cret-join-token", 0o644, "mode 0644: every local user can read it; chmod 0640"),
+        ("s3cret-join-token", 0o660, "mode 0660: others can change it"),
+        ("s3cret-join-token", 0o602, "mode 0602: others can change it"),
+        ("s3cret", 0o600, "has 6 characters, fewer than 16"),
+        ("x" * 4097, 0o600, "longer than 4096 characters"),
+        ("x" * 100_000, 0o600, "longer than 4096 characters"),
+        ("two words-of-a-token", 0o600, "one line of printable ASCII, no spaces"),
+        (b"\xff" * 20, 0o600, "one line of printable ASCII"),
+    ],
+)
+def test_a_join_token_file_that_is_open_to_others_or_weak_is_refused(
+    tmp_path: Path, text: str | bytes, mode: int, says: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        read_secret(_secret(tmp_path, text, mode), "join token")
 
 
 # --- values that are accepted but should not be --------------------------------------------
