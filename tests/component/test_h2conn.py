@@ -183,3 +183,20 @@ async def test_streams_dropped_with_unread_data_give_the_window_back(nursery: tr
     with trio.fail_after(5):
         body, _ = await _body(s)
     assert len(body) == half
+
+
+async def test_windows_are_wide_between_agents_and_stay_narrow_towards_apps() -> None:
+    """Tunnels ride the agents' connections (4 MiB, or bulk stalls on WINDOW_UPDATEs); an app's
+    connections are one per app connection and keep 1 MiB, so their memory bound stays."""
+    from nodemesh.inbound.server import Inbound
+    from nodemesh.outbound.server import Outbound
+    from nodemesh.transport.h2conn import PEER_WINDOW
+    from tests.component import meshpair as mp
+
+    a, b = mp.agent("a", mp.A_IP), mp.agent("b", mp.B_IP)
+    assert Outbound(a).mux._window == PEER_WINDOW == 4 << 20
+    assert Inbound(b).h2apps._window == INITIAL_WINDOW == 1 << 20
+    x, _ = trio.testing.memory_stream_pair()
+    for window in (INITIAL_WINDOW, PEER_WINDOW):
+        conn = H2Conn(x, client=True, name="t", window=window)
+        assert conn.h2.local_settings.initial_window_size == window

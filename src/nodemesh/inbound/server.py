@@ -43,7 +43,7 @@ from nodemesh.proxy.h2bridge import (
 from nodemesh.proxy.http1 import IdleSet, serve_http1
 from nodemesh.proxy.pool import Pool, Upstream
 from nodemesh.transport.edges import IO_ERRORS, Dialer, accept_tls, close_quietly, open_tcp
-from nodemesh.transport.h2conn import H2Conn, H2Stream
+from nodemesh.transport.h2conn import PEER_WINDOW, H2Conn, H2Stream
 from nodemesh.transport.streams import TLSIO, SocketIO
 
 _log = log.get("nodemesh.inbound")
@@ -115,7 +115,9 @@ class Inbound:
             return
         route = self.route(served.name, client)
         if tls.selected_alpn_protocol() == "h2":
-            conn = H2Conn(tls, client=False, name=peer, on_stream=route.serve_h2_stream)
+            conn = H2Conn(
+                tls, client=False, name=peer, on_stream=route.serve_h2_stream, window=PEER_WINDOW
+            )
             self.h2conns.add(conn)
             try:
                 await conn.serve()

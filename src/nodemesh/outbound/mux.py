@@ -14,14 +14,17 @@ from collections.abc import Awaitable, Callable, Hashable
 
 import trio
 
-from nodemesh.transport.h2conn import H2Conn, H2Stream
+from nodemesh.transport.h2conn import INITIAL_WINDOW, H2Conn, H2Stream
 
 Connector = Callable[[Hashable], Awaitable[trio.abc.Stream]]
 
 
 class MeshPool:
-    def __init__(self, connect: Connector, *, idle_timeout: float) -> None:
+    def __init__(
+        self, connect: Connector, *, idle_timeout: float, window: int = INITIAL_WINDOW
+    ) -> None:
         self._connect = connect
+        self._window = window
         self._idle_timeout = idle_timeout
         self._conns: dict[Hashable, list[H2Conn]] = {}
         self._locks: dict[Hashable, trio.Lock] = {}
@@ -86,7 +89,7 @@ class MeshPool:
         if self._nursery is None:
             raise RuntimeError("MeshPool.serve is not running")
         io = await self._connect(key)
-        conn = H2Conn(io, client=True, name=str(key))
+        conn = H2Conn(io, client=True, name=str(key), window=self._window)
         await self._nursery.start(conn.serve)
         self._conns.setdefault(key, []).append(conn)
         self.opened += 1

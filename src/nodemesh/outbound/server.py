@@ -54,7 +54,7 @@ from nodemesh.proxy.pool import Pool, Upstream
 from nodemesh.proxy.splice import splice
 from nodemesh.telemetry.metrics import DEFAULT_ROUTE
 from nodemesh.transport.edges import Dialer, close_quietly, open_tcp, open_tls
-from nodemesh.transport.h2conn import H2Conn, H2Stream
+from nodemesh.transport.h2conn import PEER_WINDOW, H2Conn, H2Stream
 from nodemesh.transport.original_dst import original_dst
 from nodemesh.transport.streams import TLSIO, SocketIO
 
@@ -75,7 +75,9 @@ class Outbound:
             idle_timeout=cfg.outbound_idle_timeout,
         )
         # HTTP/2 and gRPC from apps, and every tunnel: multiplexed HTTP/2 connections.
-        self.mux = MeshPool(self._connect, idle_timeout=cfg.outbound_idle_timeout)
+        self.mux = MeshPool(  # to peer agents
+            self._connect, idle_timeout=cfg.outbound_idle_timeout, window=PEER_WINDOW
+        )
         self.h2apps: set[H2Conn] = set()  # apps' own HTTP/2 connections, for drains
         self.idle = IdleSet()  # the daemon shares one across servers for drains
         self.listen_addr = cfg.outbound_addr

@@ -58,9 +58,11 @@ from nodemesh.errors import NodemeshError, ProxyError
 from nodemesh.transport.edges import IO_ERRORS
 
 # bytes, per stream and per connection: what a receiver may hold unforwarded on one connection.
-# 4 MiB and not 1: a tunnel's 256 KiB frames left only four in flight, and bulk through two agents
-# stalled on WINDOW_UPDATEs (docs/benchmarks.md, "Bulk with a 4 MiB window").
-INITIAL_WINDOW = 4 << 20
+INITIAL_WINDOW = 1 << 20  # an app's connection (h2c, gRPC): one per app connection
+# Between agents: one connection per (peer, service) carries every tunnel, and with 1 MiB a
+# tunnel's 256 KiB frames left only four in flight, so bulk through two agents stalled on
+# WINDOW_UPDATEs (docs/benchmarks.md, "Bulk with a 4 MiB window").
+PEER_WINDOW = 4 << 20
 MAX_CONCURRENT_STREAMS = 256
 MAX_HEADER_LIST = 64 * 1024  # bytes; larger heads are refused
 # bytes; the largest frame we accept (the protocol's default is 16 KiB).  A tunnel reads up to
@@ -308,8 +310,10 @@ class H2Conn:
         name: str,
         on_stream: StreamHandler | None = None,
         prefix: bytes = b"",
+        window: int = INITIAL_WINDOW,
     ) -> None:
         self.io = io
+        self._window_size = window
         self._prefix = prefix  # bytes already read from ``io`` (protocol detection)
         self.name = name
         self.client = client
@@ -326,7 +330,7 @@ class H2Conn:
         self.h2.local_settings = h2.settings.Settings(
             client=client,
             initial_values={
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: INITIAL_WINDOW,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
@@ -381,7 +385,7 @@ class H2Conn:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             self.h2.initiate_connection()
-            self.h2.increment_flow_control_window(INITIAL_WINDOW - 65535)
+            self.h2.increment_flow_control_window(self._window_size - 65535)
             await self.flush()
         except (NodemeshError, *IO_ERRORS):
             self._lost("connection failed at start")
