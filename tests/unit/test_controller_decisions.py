@@ -196,20 +196,11 @@ async def test_routes(ca: CertificateAuthority) -> None:
 
 async def test_weak_csr_key_is_refused_with_400(ca: CertificateAuthority) -> None:
     """An RSA-1024 key (proof of possession and all) is not signed: 400 naming the key."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(HOST_A.uri)]),
-            critical=True,
-        )
-        .sign(rsa.generate_private_key(65537, 1024), hashes.SHA256())
-    )
-    doc = {"csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
+    from tests.unit.test_identity_keys import _csr_for
+
+    doc = {"csr": _csr_for(rsa.generate_private_key(65537, 1024)).decode()}
     resp = await _api(ca).handle(_req("/v1/sign/node", doc))
     assert resp.status == 400
     assert "CSR key is RSA 1024 bits" in _error(resp)

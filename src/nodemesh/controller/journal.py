@@ -179,23 +179,21 @@ class MetricsJournal:
             _log.error("metrics_journal_file_unreadable", file=str(path), error=e.strerror)
             done.skipped.append(SkippedLine(path, 0, f"unreadable: {e.strerror}"))
             return
+
+        def skip(number: int, why: str) -> None:
+            _log.warning("metrics_journal_line_skipped", file=str(path), line=number, why=why)
+            done.skipped.append(SkippedLine(path, number, why))
+
         with f:
             for number, raw in enumerate(f, start=1):
                 try:
                     report, cut = _parse_line(raw)
                 except ValueError as e:
-                    _log.warning(
-                        "metrics_journal_line_skipped", file=str(path), line=number, why=str(e)
-                    )
-                    done.skipped.append(SkippedLine(path, number, str(e)))
+                    skip(number, str(e))
                     continue
                 got = fleet.ingest(report, now)
                 if got.ahead:  # written before the clock bound, or the clock went back
-                    why = f"end is {got.ahead:.0f}s ahead of the controller's clock"
-                    _log.warning(
-                        "metrics_journal_line_skipped", file=str(path), line=number, why=why
-                    )
-                    done.skipped.append(SkippedLine(path, number, why))
+                    skip(number, f"end is {got.ahead:.0f}s ahead of the controller's clock")
                     continue
                 if got.duplicate:
                     done.duplicates += 1
