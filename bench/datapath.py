@@ -229,55 +229,6 @@ async def relay(down: Any, up: Any) -> None:
         return
 
 
-async def codec_relay(down: Any, up: Any) -> None:
-    """``relay`` with the agents' own HTTP/1.1 codec (llhttp, ``protocol/h1codec.py``) in place
-    of h11: per request, parse, write the head on from its parsed pieces (the same calls the
-    forwarder makes), parse the response, write it back in one write.  No routing, pool,
-    balancer, metrics, header policy, timeouts or error answers: what an L7 hop built from the
-    agents' codec and streams cannot skip."""
-    from nodemesh.protocol.h1codec import (
-        NEED_DATA,
-        ClientConn,
-        Data,
-        EndOfMessage,
-        Request,
-        Response,
-        ServerConn,
-    )
-    from nodemesh.transport.edges import IO_ERRORS
-
-    ds, us = ServerConn(), ClientConn()
-    try:
-        while True:
-            while (req := ds.next_event()) is NEED_DATA:
-                ds.receive_data(await down.receive_some(65536))
-            if type(req) is not Request:
-                return
-            if not ds.request_done:  # GETs only: a head without a body is done
-                return
-            head = us.send_request(req.method, req.target, req.headers, req.framing)
-            await up.send_all(head + us.send_end())
-            out = []
-            while True:
-                ev = us.next_event()
-                t = type(ev)
-                if ev is NEED_DATA:
-                    us.receive_data(await up.receive_some(65536))
-                elif t is Response:
-                    out.append(ds.send_response(ev, ev.headers))
-                elif t is Data:
-                    out.append(ds.send_data(ev.data))
-                elif t is EndOfMessage:
-                    out.append(ds.send_end())
-                    break
-                else:
-                    return
-            await down.send_all(b"".join(out))
-            ds.start_next_cycle()
-    except IO_ERRORS:
-        return
-
-
 async def floor(args: argparse.Namespace, app_port: int) -> dict[str, object]:
     """``relay`` in place of each agent: app conn -> relay -> mTLS -> relay -> app, 1:1.
 
@@ -288,6 +239,8 @@ async def floor(args: argparse.Namespace, app_port: int) -> dict[str, object]:
     import trio
 
     sys.path.insert(0, str(HERE.parent))
+    from floor import h1_relay  # bench/floor.py: the lab's trio-h1 path
+
     from nodemesh.identity import spiffe
     from nodemesh.proxy.splice import splice
     from nodemesh.transport.edges import accept_tls, open_tcp, open_tls
@@ -300,7 +253,7 @@ async def floor(args: argparse.Namespace, app_port: int) -> dict[str, object]:
     client_ctx = a.identities.client_context(None, http1=True)
     server_ctx = b.identities.server_context()
     ports: dict[str, int] = {}
-    hop = {"l4": splice, "codec": codec_relay}.get(args.floor, relay)
+    hop = {"l4": splice, "codec": h1_relay}.get(args.floor, relay)
 
     async def outbound(stream: trio.SocketStream) -> None:
         down = SocketIO.adopt(stream)

@@ -1,7 +1,7 @@
 """The trio floor in the lab: the least a mesh hop written in Python under trio can do.
 
     python bench/floor.py certs DIR
-    python bench/floor.py relay --role out|in --certs DIR --route LISTEN=TARGET [...]
+    python bench/floor.py relay --role out|in [--hop l4|h1] --certs DIR --route LISTEN=TARGET [...]
 
 A pair of these relays is the benchmark's ``trio-l4`` path, beside nodemesh's agents and
 Consul's proxies in the same run:
@@ -16,6 +16,11 @@ HTTP and has no routing, pool, balancer, metrics, policy, timeouts or logging.  
 is what trio, the socket calls and TLS cost per request on this machine, the floor under any
 agent in this stack; nodemesh's agents do everything an L7 mesh hop does on top of it.
 
+``--hop h1`` is the benchmark's ``trio-h1`` path: the same pair, but each relay also parses
+every HTTP/1.1 request and response with the agents' own codec (``protocol/h1codec.py``, llhttp)
+and writes each on from its parsed pieces, the least an L7 hop must do (GETs only).  What
+nodemesh's agents cost above it is their routing, pool, balancer, metrics, policy and timeouts.
+
 ``certs`` makes a throwaway CA and one leaf per side with the project's own CA code (keys
 readable by the relays' user: a benchmark's, never a deployment's).
 """
@@ -26,6 +31,7 @@ import argparse
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 TRUST_DOMAIN = "floor.bench"
 
@@ -46,12 +52,59 @@ def make_certs(out: Path) -> None:
         f.chmod(0o644)
 
 
+async def h1_relay(down: Any, up: Any) -> None:
+    """Requests from ``down`` to ``up`` and their responses back, through the agents' HTTP/1.1
+    codec: per request, parse the head, write it on from its parsed pieces (the calls the
+    agents' forwarder makes), parse the response and write it back in one write.  GETs only
+    (a request with a body ends the connection); no routing, pool, balancer, metrics, header
+    policy, timeouts or error answers."""
+    from nodemesh.protocol.h1codec import (
+        NEED_DATA,
+        ClientConn,
+        Data,
+        EndOfMessage,
+        Request,
+        Response,
+        ServerConn,
+    )
+    from nodemesh.transport.edges import IO_ERRORS
+
+    ds, us = ServerConn(), ClientConn()
+    try:
+        while True:
+            while (req := ds.next_event()) is NEED_DATA:
+                ds.receive_data(await down.receive_some(65536))
+            if type(req) is not Request or not ds.request_done:
+                return
+            head = us.send_request(req.method, req.target, req.headers, req.framing)
+            await up.send_all(head + us.send_end())
+            out = []
+            while True:
+                ev = us.next_event()
+                t = type(ev)
+                if ev is NEED_DATA:
+                    us.receive_data(await up.receive_some(65536))
+                elif t is Response:
+                    out.append(ds.send_response(ev, ev.headers))
+                elif t is Data:
+                    out.append(ds.send_data(ev.data))
+                elif t is EndOfMessage:
+                    out.append(ds.send_end())
+                    break
+                else:
+                    return
+            await down.send_all(b"".join(out))
+            ds.start_next_cycle()
+    except IO_ERRORS:
+        return
+
+
 def _addr(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host, int(port)
 
 
-async def serve(role: str, certs: Path, routes: list[tuple[str, str]]) -> None:
+async def serve(role: str, hop: str, certs: Path, routes: list[tuple[str, str]]) -> None:
     import trio
 
     from nodemesh.identity import tls
@@ -61,6 +114,7 @@ async def serve(role: str, certs: Path, routes: list[tuple[str, str]]) -> None:
 
     roots = (certs / "roots.pem").read_bytes()
     chain, key = (certs / f"{role}.pem").read_bytes(), (certs / f"{role}.key").read_bytes()
+    carry = h1_relay if hop == "h1" else splice
     if role == "out":
         ctx = tls.client_context(chain, key, roots)
     else:
@@ -79,7 +133,7 @@ async def serve(role: str, certs: Path, routes: list[tuple[str, str]]) -> None:
             await stream.aclose()
             return
         try:
-            await splice(down, up)
+            await carry(down, up)
         finally:
             await down.aclose()
             await up.aclose()
@@ -89,7 +143,8 @@ async def serve(role: str, certs: Path, routes: list[tuple[str, str]]) -> None:
             host, port = _addr(listen)
             listeners = await trio.open_tcp_listeners(port, host=host)
             nursery.start_soon(trio.serve_listeners, partial(handle, _addr(target)), listeners)
-        print(f"floor relay {role}: listening on {', '.join(r[0] for r in routes)}", flush=True)
+        listening = ", ".join(r[0] for r in routes)
+        print(f"floor relay {role} ({hop}): listening on {listening}", flush=True)
 
 
 def main() -> int:
@@ -99,6 +154,7 @@ def main() -> int:
     c.add_argument("dir", type=Path)
     r = sub.add_parser("relay")
     r.add_argument("--role", choices=("out", "in"), required=True)
+    r.add_argument("--hop", choices=("l4", "h1"), default="l4", help="bytes, or HTTP/1.1 GETs")
     r.add_argument("--certs", type=Path, required=True)
     r.add_argument("--route", action="append", required=True, help="LISTEN=TARGET, ip:port each")
     args = ap.parse_args()
@@ -110,7 +166,7 @@ def main() -> int:
     routes = [tuple(x.split("=", 1)) for x in args.route]
     if any(len(x) != 2 for x in routes):
         ap.error("--route takes LISTEN=TARGET")
-    trio.run(serve, args.role, args.certs, routes)
+    trio.run(serve, args.role, args.hop, args.certs, routes)
     return 0
 
 

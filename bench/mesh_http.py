@@ -57,7 +57,7 @@ from measure import (
     wait_quiet,
     wrk_argv,
 )
-from workloads import CONNECT, FLOOR, HAPROXY, NODEMESH, WORKLOADS, Bench, Route
+from workloads import CONNECT, FLOORS, HAPROXY, NODEMESH, WORKLOADS, Bench, Route
 
 import nodemesh
 from nodemesh.lab.consul import find_binary
@@ -129,17 +129,18 @@ def set_up(lab: Lab, args: argparse.Namespace, consul: Path, stack: contextlib.E
         stack.callback(hap.stop)
         proxies[HAPROXY] = {"haproxy@h1": workloads.pids_of(hap)}
     if not args.no_floor:
-        say("starting the trio floor: floor.py's L4 mTLS relays on h1 and h2")
-        fout, fin = peers.start_floor(lab, lab.dir / "floor.py")
-        stack.callback(fout.stop)
-        stack.callback(fin.stop)
-        proxies[FLOOR] = {"trio-l4@h1": [fout.pid], "trio-l4@h2": [fin.pid]}
+        say("starting the trio floors: floor.py's mTLS relays on h1 and h2, L4 and HTTP/1.1")
+        for contender, hop in FLOORS.items():
+            fout, fin = peers.start_floor(lab, lab.dir / "floor.py", hop)
+            stack.callback(fout.stop)
+            stack.callback(fin.stop)
+            proxies[contender] = {f"{contender}@h1": [fout.pid], f"{contender}@h2": [fin.pid]}
     label = {"nginx": "nginx@h2", "h2c": "nginx@h2", "grpc": "grpc-echo@h2", "sink": "sink@h2"}
     label["pieces"] = "http.server@h2"
     apps = {k: {label[k]: workloads.pids_of(p)} for k, p in procs.items()}
     routes = workloads.routes(lab, not args.no_haproxy)
     if args.no_floor:
-        routes = {k: r for k, r in routes.items() if r.contender != FLOOR}
+        routes = {k: r for k, r in routes.items() if r.contender not in FLOORS}
     return Bench(lab, args, lab.dir / "apps.py", io, routes, proxies, apps)
 
 
@@ -332,7 +333,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--memory-connections", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1, help="wrk -t")
     ap.add_argument("--no-haproxy", action="store_true", help="skip the haproxy reference")
-    ap.add_argument("--no-floor", action="store_true", help="skip the trio floor (floor.py)")
+    ap.add_argument("--no-floor", action="store_true", help="skip the trio floors (floor.py)")
     ap.add_argument("--profile", action="store_true", help="py-spy both agents afterwards")
     ap.add_argument("--profile-seconds", type=float, default=10.0)
     ap.add_argument(

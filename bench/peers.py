@@ -38,6 +38,8 @@ HAPROXY_PORT = 8088  # haproxy's listener on h1's loopback
 FLOOR_UPSTREAMS = ("nginx", "sink")  # the upstreams the trio floor relays (floor.py) reach
 FLOOR_PORT_BASE = 9290  # floor relay on h1's loopback: base + the upstream's port % 10
 FLOOR_TLS_PORT_BASE = 22080  # floor relay on h2's address (mTLS): base + port % 10
+FLOOR_HOPS = {"l4": FLOOR_UPSTREAMS, "h1": ("nginx",)}  # floor.py --hop: the upstreams it reaches
+FLOOR_HOP_OFFSET = {"l4": 0, "h1": 10}  # the h1 pair's ports are the l4 pair's + 10
 
 
 @dataclass(frozen=True)
@@ -222,29 +224,33 @@ def start_app(lab: Lab, host: str, script: Path, cmd: str, port: int) -> Process
 # --- the trio floor -----------------------------------------------------------------------------
 
 
-def floor_port(key: str) -> int:
-    return FLOOR_PORT_BASE + UPSTREAMS[key].port % 10
+def floor_port(key: str, hop: str = "l4") -> int:
+    return FLOOR_PORT_BASE + FLOOR_HOP_OFFSET[hop] + UPSTREAMS[key].port % 10
 
 
-def start_floor(lab: Lab, script: Path) -> tuple[Process, Process]:
-    """``floor.py``'s relay pair: "out" on h1's loopback, "in" on h2's address, a route per
-    ``FLOOR_UPSTREAMS`` each, as the agent's uid (interception leaves their connections alone).
-    Certificates come from a throwaway CA in the lab's directory."""
+def start_floor(lab: Lab, script: Path, hop: str = "l4") -> tuple[Process, Process]:
+    """``floor.py``'s relay pair for one ``--hop``: "out" on h1's loopback, "in" on h2's
+    address, a route per upstream in ``FLOOR_HOPS[hop]`` each, as the agent's uid (interception
+    leaves their connections alone).  Certificates come from a throwaway CA in the lab's
+    directory (made once, shared by both pairs)."""
     certs = lab.dir / "floor-certs"
     py = lab.spec.python.as_posix()
-    subprocess.run([py, str(script), "certs", str(certs)], check=True, timeout=60)
+    if not (certs / "roots.pem").exists():
+        subprocess.run([py, str(script), "certs", str(certs)], check=True, timeout=60)
     h2 = lab.host_ip("h2")
 
     def relay(host: str, role: str, routes: list[str]) -> Process:
-        argv = [py, str(script), "relay", "--role", role, "--certs", str(certs)]
+        argv = [py, str(script), "relay", "--role", role, "--hop", hop, "--certs", str(certs)]
         for r in routes:
             argv += ["--route", r]
-        return spawn(lab.host(host), argv, lab.log_path(host, f"floor-{role}"),
-                     user=NODEMESH_USER, name=f"floor-{role}")  # fmt: skip
+        return spawn(lab.host(host), argv, lab.log_path(host, f"floor-{hop}-{role}"),
+                     user=NODEMESH_USER, name=f"floor-{hop}-{role}")  # fmt: skip
 
-    tls_port = {k: FLOOR_TLS_PORT_BASE + UPSTREAMS[k].port % 10 for k in FLOOR_UPSTREAMS}
+    base = FLOOR_TLS_PORT_BASE + FLOOR_HOP_OFFSET[hop]
+    tls_port = {k: base + UPSTREAMS[k].port % 10 for k in FLOOR_HOPS[hop]}
     inn = relay("h2", "in", [f"{h2}:{tls_port[k]}={h2}:{UPSTREAMS[k].port}" for k in tls_port])
-    out = relay("h1", "out", [f"127.0.0.1:{floor_port(k)}={h2}:{tls_port[k]}" for k in tls_port])
+    loopback = {k: f"127.0.0.1:{floor_port(k, hop)}" for k in tls_port}
+    out = relay("h1", "out", [f"{loopback[k]}={h2}:{p}" for k, p in tls_port.items()])
     return out, inn
 
 

@@ -13,6 +13,9 @@ Paths ("contenders") to each upstream on h2 (``peers.UPSTREAMS``), all driven fr
     haproxy         to haproxy on h1's loopback (HTTP/1.1 to nginx only) -> nginx
     trio-l4         to floor.py's relay on h1's loopback -> mTLS -> its relay on h2 -> app: the
                     least a hop under trio can do (nginx and the sink only)
+    trio-h1         the same through floor.py's HTTP/1.1 relays (--hop h1): each also parses and
+                    re-frames every request and response with the agents' codec, the least an
+                    L7 hop under trio can do (nginx only)
 
 Before a path is first measured, a request must show it reaches the app the way it says
 (``prove``): from the address the app sees, and with the caller identity nodemesh's inbound
@@ -46,8 +49,9 @@ from nodemesh.lab.netns import Process, spawn
 
 PROVE_TIMEOUT = 60.0  # seconds for a path to start answering (a Connect sidecar's first check)
 DIRECT, NODEMESH, CONNECT, HAPROXY = "direct", "nodemesh", "consul-connect", "haproxy"
-FLOOR = "trio-l4"
-CONTENDERS = (DIRECT, NODEMESH, CONNECT, HAPROXY, FLOOR)
+FLOOR, FLOOR_H1 = "trio-l4", "trio-h1"
+FLOORS = {FLOOR: "l4", FLOOR_H1: "h1"}  # contender -> floor.py --hop
+CONTENDERS = (DIRECT, NODEMESH, CONNECT, HAPROXY, FLOOR, FLOOR_H1)
 
 
 @dataclass(frozen=True)
@@ -89,11 +93,12 @@ def routes(lab: Lab, haproxy: bool) -> dict[tuple[str, str], Route]:
             h2,
             False,
         )
-    for key in peers.FLOOR_UPSTREAMS:
-        out[key, FLOOR] = Route(
-            FLOOR, key, f"h1 -> trio relay h1 -> mTLS -> trio relay h2 -> {key}",
-            f"127.0.0.1:{peers.floor_port(key)}", None, h2, False,
-        )  # fmt: skip
+    for contender, hop in FLOORS.items():
+        for key in peers.FLOOR_HOPS[hop]:
+            out[key, contender] = Route(
+                contender, key, f"h1 -> {hop} relay h1 -> mTLS -> {hop} relay h2 -> {key}",
+                f"127.0.0.1:{peers.floor_port(key, hop)}", None, h2, False,
+            )  # fmt: skip
     if haproxy:
         out["nginx", HAPROXY] = Route(
             HAPROXY, "nginx", "h1 -> haproxy h1 -> nginx", f"127.0.0.1:{peers.HAPROXY_PORT}",
@@ -416,7 +421,7 @@ class Workload:
     measure: Measure
 
 
-HTTP1 = (DIRECT, NODEMESH, CONNECT, HAPROXY, FLOOR)
+HTTP1 = (DIRECT, NODEMESH, CONNECT, HAPROXY, FLOOR, FLOOR_H1)
 MESHES = (DIRECT, NODEMESH, CONNECT)
 
 WORKLOADS = {

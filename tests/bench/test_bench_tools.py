@@ -415,3 +415,71 @@ def test_floor_relays_carry_bytes_both_ways_over_mtls(tmp_path: Path) -> None:
             proc.terminate()
             proc.wait(timeout=10)
         echo.close()
+
+
+def test_floor_h1_relays_parse_and_reframe_each_request(tmp_path: Path) -> None:
+    """floor.py --hop h1 end to end: two GETs on one kept-alive client connection reach an app
+    re-framed by the agents' codec (names lower-cased) and both answers come back whole; a
+    request with a body ends the connection (the relay serves GETs only)."""
+    import socket
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "floor.py"
+    py = sys.executable
+    subprocess.run([py, str(script), "certs", str(tmp_path)], check=True, timeout=60)
+    app = socket.create_server(("127.0.0.1", 0))
+    app_port = app.getsockname()[1]
+    seen: list[bytes] = []
+    answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
+
+    def serve_one(conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            while data := conn.recv(65536):
+                buf += data
+                while b"\r\n\r\n" in buf:
+                    head, _, buf = buf.partition(b"\r\n\r\n")
+                    seen.append(head)
+                    conn.sendall(answer)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = app.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    tls_port, plain_port = _free_port(), _free_port()
+    procs = [
+        subprocess.Popen(
+            [py, str(script), "relay", "--role", role, "--hop", "h1", "--certs", str(tmp_path),
+             "--route", route]
+        )  # fmt: skip
+        for role, route in (
+            ("in", f"127.0.0.1:{tls_port}=127.0.0.1:{app_port}"),
+            ("out", f"127.0.0.1:{plain_port}=127.0.0.1:{tls_port}"),
+        )
+    ]
+    try:
+        for port, proc in zip((tls_port, plain_port), procs, strict=True):
+            _wait_listening(port, proc)
+        seen.clear()  # the readiness probes' connections carried no request
+        with socket.create_connection(("127.0.0.1", plain_port), timeout=10.0) as c:
+            for path in (b"/one", b"/two"):
+                c.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: app\r\nX-Thing: 1\r\n\r\n")
+                got = b""
+                while not got.endswith(b"hello"):
+                    chunk = c.recv(65536)
+                    assert chunk, f"closed after {got!r}"
+                    got += chunk
+                assert got.startswith(b"HTTP/1.1 200 OK\r\n")
+            c.sendall(b"POST / HTTP/1.1\r\nHost: app\r\nContent-Length: 2\r\n\r\nhi")
+            assert c.recv(65536) == b""
+        assert [h.split(b"\r\n")[0] for h in seen] == [b"GET /one HTTP/1.1", b"GET /two HTTP/1.1"]
+        assert b"x-thing: 1" in seen[0]
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+        app.close()
