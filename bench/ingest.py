@@ -60,7 +60,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -156,6 +156,28 @@ def service_name(k: int) -> str:
     return f"svc-{k:03d}"
 
 
+def service_uri(k: int) -> str:
+    """A caller as agents label it: the identity its certificate carries."""
+    return spiffe.service_id(TD, DC, service_name(k)).uri
+
+
+def own_service(i: int, n_agents: int) -> str:
+    return service_name(i % n_services(n_agents))
+
+
+def register_fleet(consul_port: int, n: int, say_: Callable[[str], None]) -> None:
+    """Every simulated agent's node in Consul's catalog with the service it runs: the
+    controller accepts only series a report's node can be held to (``metrics.attribute``)."""
+    import consul as pyconsul
+
+    c = pyconsul.Consul(host="127.0.0.1", port=consul_port)
+    for i in range(n):
+        if i and i % 250 == 0:
+            say_(f"registered {i} of {n} nodes in Consul")
+        service = {"Service": own_service(i, n), "Port": 8080}
+        c.catalog.register(agent_name(i), "127.0.0.1", service=service)
+
+
 def agent_series(i: int, n_agents: int, series: int) -> list[Labels]:
     """The ``series`` distinct label sets agent ``i`` reports (pure): half inbound (callers x
     routes x 2xx/4xx/5xx), half outbound (upstreams x their hosts x routes x 2xx/5xx)."""
@@ -163,7 +185,7 @@ def agent_series(i: int, n_agents: int, series: int) -> list[Labels]:
     own = i % s
     me = service_name(own)
     inbound = [
-        {"direction": "inbound", "service": me, "peer": service_name((own + 1 + c) % s),
+        {"direction": "inbound", "service": me, "peer": service_uri((own + 1 + c) % s),
          "status": st, "route": r, "endpoint": ""}
         for c in range(CALLERS) for r in ROUTES for st in ("2xx", "4xx", "5xx")
     ]  # fmt: skip
@@ -173,7 +195,7 @@ def agent_series(i: int, n_agents: int, series: int) -> list[Labels]:
         for e in range(ENDPOINTS):
             host = agent_name((up + s * e) % max(n_agents, 1))
             outbound += [
-                {"direction": "outbound", "service": service_name(up), "peer": me,
+                {"direction": "outbound", "service": service_name(up), "peer": service_uri(own),
                  "status": st, "route": r, "endpoint": host}
                 for r in ROUTES for st in ("2xx", "5xx")
             ]  # fmt: skip
@@ -203,7 +225,7 @@ def make_report(
     for lab in labels:
         h = rng.choice(busy if lab["status"] == "2xx" else sparse)
         series.append({"labels": dict(lab), "count": h.count, "hdr": h.hdr})
-    me = labels[0]["service"] if labels[0]["direction"] == "inbound" else labels[0]["peer"]
+    me = next(lab["service"] for lab in labels if lab["direction"] == "inbound")  # series >= 2
     opened = rng.randint(0, 20)
     return {
         "agent": spiffe.node_id(TD, DC, agent_name(agent)).uri,
@@ -683,6 +705,7 @@ def run_scale(n: int, args: argparse.Namespace, consul_port: int, work: Path) ->
     sizes = [len(h.hdr) for h in pool[0]] + [len(h.hdr) for h in pool[1]]
     labels = [agent_series(i, n, args.series) for i in range(n)]
     load0, quiet = wait_quiet(QUIET_LOAD, args.wait_quiet, lambda m: say(f"{tag}: {m}"))
+    register_fleet(consul_port, n, lambda m: say(f"{tag}: {m}"))
     with running_controller(work / f"agents-{n}", consul_port) as ctl:
         ca = CertificateAuthority.load_state(ctl.state_dir, TD)
         t = time.monotonic()

@@ -212,11 +212,16 @@ def run_rounds(bench: Bench, args: argparse.Namespace, out: dict[str, Any]) -> N
             check_running([*bench.lab.agents.values()])
 
 
-def profile(lab: Lab, route: Route, args: argparse.Namespace) -> dict[str, Any]:
-    """py-spy on both agents for ``--profile-seconds`` while wrk drives the nodemesh path."""
+def find_py_spy() -> str:
     spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     if spy is None:
-        raise BenchError("--profile needs py-spy: .venv/bin/pip install py-spy")
+        raise BenchError("--profile needs py-spy: .venv/bin/pip install -e '.[bench]'")
+    return spy
+
+
+def profile(lab: Lab, route: Route, args: argparse.Namespace) -> dict[str, Any]:
+    """py-spy on both agents for ``--profile-seconds`` while wrk drives the nodemesh path."""
+    spy = find_py_spy()
     secs = args.profile_seconds
     load_secs = secs + 6.0
     if args.profile_load == "open":  # PLOT_RATE req/s open loop, as the open workload offers it
@@ -390,14 +395,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def check_bench_extra() -> str:
-    """ "" when grpcio and matplotlib import, else the one sentence that says how to fix it."""
+def check_bench_extra(profile: bool = False) -> str:
+    """ "" when grpcio and matplotlib import (and py-spy is installed for ``--profile``), else
+    the one sentence that says how to fix it: before the run, not 15 minutes into it."""
     missing = []
     for mod in ("grpc", "matplotlib"):
         try:
             __import__(mod)
         except ImportError:
             missing.append(mod)
+    if profile:
+        try:
+            find_py_spy()
+        except BenchError:
+            missing.append("py-spy")
     if not missing:
         return ""
     return (
@@ -414,7 +425,7 @@ def main(argv: Sequence[str] | None = None, progress: Callable[[str], None] = sa
             "bench/mesh_http.py: must run as root (it builds network namespaces)", file=sys.stderr
         )
         return 1
-    problem = check_bench_extra()
+    problem = check_bench_extra(args.profile)
     if problem:
         print(problem, file=sys.stderr)
         return 1

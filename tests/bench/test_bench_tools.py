@@ -23,6 +23,7 @@ import pytest
 import recording
 
 from nodemesh.controller import metrics as fleet_metrics
+from nodemesh.identity import spiffe
 from nodemesh.telemetry.metrics import Recorder
 
 HERE = Path(__file__).resolve().parents[2] / "bench"
@@ -254,7 +255,11 @@ def test_agent_series_are_distinct_and_half_inbound() -> None:
         inbound = [lab for lab in labels if lab["direction"] == "inbound"]
         assert len(inbound) == 25
         own = {lab["service"] for lab in inbound}
-        assert len(own) == 1 and own.isdisjoint(lab["peer"] for lab in inbound)
+        assert len(own) == 1 and own == {ingest.own_service(i, 300)}
+        callers = {spiffe.parse(lab["peer"]) for lab in inbound}
+        assert None not in callers and own.isdisjoint(c.name for c in callers if c)
+        outbound = [lab for lab in labels if lab["direction"] == "outbound"]
+        assert {lab["peer"] for lab in outbound} == {ingest.service_uri(i % ingest.n_services(300))}
         assert all(lab["endpoint"] for lab in labels if lab["direction"] == "outbound")
     with pytest.raises(ValueError, match="series = 500"):
         ingest.agent_series(0, 300, 500)
@@ -269,6 +274,8 @@ def test_simulated_reports_pass_the_controllers_parser_and_add_up() -> None:
         doc = ingest.make_report(i, 0, 1000.0, 10.0, labels, pool, random.Random(i))
         report = fleet_metrics.parse_report(doc)  # raises on anything the real API refuses
         assert report.host == ingest.agent_name(i) and len(report.series) == 50
+        own = frozenset({ingest.own_service(i, 100)})  # what register_fleet puts in Consul
+        assert fleet_metrics.attribute(report, own)[0] is report  # every series attributable
         assert {s.labels[3] for s in report.series} >= {"2xx"}
         fleet.ingest(report, now=1000.0)
         sent += sum(s["count"] for s in doc["series"] if s["labels"]["direction"] == "inbound")
@@ -451,11 +458,9 @@ def test_floor_h1_relays_parse_and_reframe_each_request(tmp_path: Path) -> None:
 
     threading.Thread(target=serve, daemon=True).start()
     tls_port, plain_port = _free_port(), _free_port()
+    relay = [py, str(script), "relay", "--hop", "h1", "--certs", str(tmp_path)]
     procs = [
-        subprocess.Popen(
-            [py, str(script), "relay", "--role", role, "--hop", "h1", "--certs", str(tmp_path),
-             "--route", route]
-        )  # fmt: skip
+        subprocess.Popen([*relay, "--role", role, "--route", route])
         for role, route in (
             ("in", f"127.0.0.1:{tls_port}=127.0.0.1:{app_port}"),
             ("out", f"127.0.0.1:{plain_port}=127.0.0.1:{tls_port}"),

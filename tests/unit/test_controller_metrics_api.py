@@ -20,8 +20,10 @@ T0 = 1_764_080_000.0
 
 
 class Directory:
+    """Every node runs ``web`` (what the reports here are about) and nothing else."""
+
     async def node(self, name: str) -> NodeInfo | None:
-        return None
+        return NodeInfo(name, "198.18.0.1", frozenset({"web"}), alive=True)
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +177,112 @@ async def test_a_dear_answer_is_reused_for_a_while_under_load(
     await api.handle(_post(_report(seq=2)))
     monkeypatch.setattr(api, "_clock", lambda: T0 + 25)  # the next slot: every window moved
     assert _doc(await api.handle(_get("window=1m&by=service")))["rows"][0]["requests"] == 6
+
+
+# --- attribution: a node's report speaks for that node alone -------------------------------------
+
+WEB_SVC = spiffe.service_id(TD, DC, "web").uri
+
+
+def _series(direction: str, service: str, peer: str, values: tuple[int, ...] = (100,)) -> Any:
+    h = new_histogram()
+    for v in values:
+        h.record_value(v)
+    labels = {"direction": direction, "service": service, "peer": peer, "status": "2xx",
+              "route": "", "endpoint": ""}  # fmt: skip
+    return {"labels": labels, "count": len(values), "hdr": h.encode().decode()}
+
+
+def _with(series: list[Any], seq: int = 0, tcp: list[Any] | None = None) -> Any:
+    return _report(seq) | {"series": series, "tcp": tcp or []}
+
+
+async def _rows(api: ControllerApi, direction: str = "inbound") -> dict[str, int]:
+    doc = _doc(await api.handle(_get(f"window=1m&by=service&direction={direction}")))
+    return {r["name"]: r["requests"] for r in doc["rows"]}
+
+
+async def test_a_node_cannot_put_inbound_figures_on_a_service_it_does_not_run(
+    api: ControllerApi, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """host-a runs web only: its inbound series for payments (9 s, as the review's poisoned
+    fleet showed) are refused, logged with the label, and counted; web's are kept."""
+    doc = _with(
+        [_series("inbound", "web", WEB_SVC), _series("inbound", "payments", "", (9_000_000,) * 9)]
+    )
+    resp = await api.handle(_post(doc))
+    assert (resp.status, _doc(resp)["accepted"]) == (200, True)
+    assert await _rows(api) == {"web": 1}
+    answer = _doc(await api.handle(_get("window=1m&by=service")))
+    assert answer["overflow"]["unattributed"] == 1
+    out = capsys.readouterr().out + capsys.readouterr().err
+    assert "metrics_series_unattributed" in out and "payments" in out
+
+
+@pytest.mark.parametrize(
+    ("peer", "kept"),
+    [
+        (HOST_A.uri, True),  # the node speaking as itself
+        (WEB_SVC, True),  # the node's own service
+        (spiffe.service_id(TD, DC, "payments").uri, False),  # a service it does not run
+        (spiffe.node_id(TD, DC, "host-b").uri, False),  # another node
+        ("svc/payments", False),
+    ],
+)
+async def test_outbound_figures_must_come_from_the_node_or_its_services(
+    api: ControllerApi, peer: str, kept: bool
+) -> None:
+    await api.handle(_post(_with([_series("outbound", "payments", peer)])))
+    assert await _rows(api, "outbound") == ({"payments": 1} if kept else {})
+
+
+@pytest.mark.parametrize(
+    "peer", ["spiffe://other.test/dc/dc1/svc/api", "spiffe://mesh.test/dc/dc9/svc/api", "api"]
+)
+async def test_an_inbound_caller_must_be_an_identity_of_this_mesh(
+    api: ControllerApi, peer: str
+) -> None:
+    await api.handle(_post(_with([_series("inbound", "web", peer)])))
+    assert await _rows(api) == {}
+
+
+async def test_the_agents_overflow_series_and_outbound_tcp_are_kept(api: ControllerApi) -> None:
+    tcp = [
+        {"direction": d, "service": s, "opened": 1, "closed": 1, "bytes_in": 5, "bytes_out": 5}
+        for d, s in (("inbound", "web"), ("outbound", "payments"), ("inbound", "payments"))
+    ]
+    doc = _with([_series("inbound", "overflow", "overflow")], tcp=tcp)
+    assert (await api.handle(_post(doc))).status == 200
+    answer = _doc(await api.handle(_get("window=1m&by=service")))
+    assert {r["name"] for r in answer["rows"]} == {"overflow", "web"}
+    assert answer["overflow"]["unattributed"] == 1  # inbound TCP of payments
+
+
+class Changing:
+    """A node whose services change, counting how often Consul is asked."""
+
+    def __init__(self) -> None:
+        self.services = frozenset({"web"})
+        self.asked = 0
+
+    async def node(self, name: str) -> NodeInfo | None:
+        self.asked += 1
+        return NodeInfo(name, "198.18.0.1", self.services, alive=True)
+
+
+async def test_consul_is_asked_again_for_an_uncovered_label_at_most_once_per_recheck(
+    ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nodemesh.controller import api as api_module
+
+    consul = Changing()
+    api = ControllerApi(ca, consul, "token", DC, 3600, clock=lambda: T0 + 15)
+    await api.handle(_post(_with([_series("inbound", "web", "")], seq=0)))
+    await api.handle(_post(_with([_series("inbound", "web", "")], seq=1)))
+    assert consul.asked == 1  # cached
+    consul.services = frozenset({"web", "shop"})  # shop registered on host-a since
+    await api.handle(_post(_with([_series("inbound", "shop", "")], seq=2)))
+    assert consul.asked == 1 and await _rows(api) == {"web": 2}  # within NODE_RECHECK_S
+    monkeypatch.setattr(api_module, "NODE_RECHECK_S", 0.0)
+    await api.handle(_post(_with([_series("inbound", "shop", "")], seq=3)))
+    assert consul.asked == 2 and await _rows(api) == {"web": 2, "shop": 1}

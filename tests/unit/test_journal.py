@@ -267,9 +267,11 @@ def test_a_journal_directory_that_cannot_be_made_is_a_config_error(tmp_path: Pat
 # --- through the API -----------------------------------------------------------------------------
 
 
-class NoNodes:
+class EveryNode:
+    """Consul has every node, running ``web`` alone (what the reports here are about)."""
+
     async def node(self, name: str) -> NodeInfo | None:
-        return None
+        return NodeInfo(name, "198.18.0.1", frozenset({"web"}), alive=True)
 
 
 def _post(doc: Any) -> Request:
@@ -287,7 +289,7 @@ async def test_the_api_waits_for_the_replay_then_journals_before_answering(
     first.close()
 
     journal, fleet = MetricsJournal(tmp_path), FleetMetrics()
-    api = ControllerApi(ca, NoNodes(), "t", "dc1", 3600, fleet, lambda: T0 + 15, journal)
+    api = ControllerApi(ca, EveryNode(), "t", "dc1", 3600, fleet, lambda: T0 + 15, journal)
     query = Request("GET", "/v1/metrics", {}, b"", "198.18.0.1", spiffe.parse(doc["agent"]))
     for req in (_post(doc), query):
         resp = await api.handle(req)
@@ -302,3 +304,20 @@ async def test_the_api_waits_for_the_replay_then_journals_before_answering(
     assert [e["report"]["seq"] for e in lines(tmp_path / f"{slot_of(T0 + 10)}.jsonl")] == [0, 1]
     rows = json.loads((await api.handle(query)).body)["rows"]
     assert rows[0]["requests"] == 3
+
+
+async def test_series_the_node_cannot_claim_are_never_journaled(tmp_path: Path) -> None:
+    """The API keeps only attributable series, in memory and on disk alike: a restart's replay
+    (which never asks Consul) cannot bring a refused series back."""
+    ca = CertificateAuthority.create("mesh.test")
+    journal, fleet = MetricsJournal(tmp_path), FleetMetrics()
+    await journal.load(fleet, T0 + 15)
+    api = ControllerApi(ca, EveryNode(), "t", "dc1", 3600, fleet, lambda: T0 + 15, journal)
+    doc = report(0, T0 + 10, [series([100]), series([9_000_000], service="payments")])
+    assert (await api.handle(_post(doc))).status == 200
+    journal.close()
+    (line,) = lines(tmp_path / f"{slot_of(T0 + 10)}.jsonl")
+    assert [s["labels"]["service"] for s in line["report"]["series"]] == ["web"]
+    _, replayed = restart(tmp_path, T0 + 15)
+    (row,) = replayed.plan(T0 + 15, 60, "service", "inbound").answer()["rows"]
+    assert (row["name"], row["requests"]) == ("web", 1)

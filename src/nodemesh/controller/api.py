@@ -61,6 +61,11 @@ LINGER_TIMEOUT = 2.0  # seconds to drain a refused request before closing
 # kept-alive connection each while they report, so this is the fleet size one controller takes.
 MAX_CONNECTIONS = 4096
 MAX_BIG_BODIES = 16  # report bodies (up to MAX_REPORT_BODY) read at the same time
+# A node's services as Consul last listed them vouch for its reports' labels this long; a
+# label they do not cover asks Consul again, at most once per NODE_RECHECK_S per node.
+NODE_FRESH_S = 30.0
+NODE_RECHECK_S = 5.0
+MAX_NODES_CACHED = 100_000  # more nodes than that: start over (a fleet is far smaller)
 LINGER_BYTES = 1024 * 1024
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,126}")
 
@@ -139,6 +144,7 @@ class ControllerApi:
         self.leaf_ttl = leaf_ttl
         self._querying = trio.Lock()  # one query computes at a time; the next may reuse it
         self._answers: dict[tuple[int, str, str], _Answer] = {}
+        self._nodes: dict[str, tuple[float, frozenset[str]]] = {}  # node -> (asked, services)
         self._routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
             ("GET", "/v1/health"): self._health,
             ("GET", "/v1/ca/roots"): self._roots,
@@ -245,6 +251,7 @@ class ControllerApi:
             raise ApiError(400, f"bad metrics report: {why}") from None
         if report.agent != caller.uri:
             raise ApiError(403, f"agent = {report.agent!r} but the client certificate is {caller}")
+        report, doc = await self._attributed(report, doc)
         if self.journal is None:
             done = self.fleet.ingest(report, self._clock())
         else:
@@ -265,6 +272,50 @@ class ControllerApi:
         if done.late:
             _log.info("metrics_report_late", agent=report.agent, seq=report.seq)
         return Response.json(200, {"accepted": True, "duplicate": done.duplicate})
+
+    async def _attributed(
+        self, report: metrics.Report, doc: dict[str, Any]
+    ) -> tuple[metrics.Report, dict[str, Any]]:
+        """``report`` and its ``doc`` (what the journal keeps) without the series its node
+        cannot be held to (``metrics.attribute``), each refusal logged with its labels."""
+        asked, services = self._nodes.get(report.host, (-math.inf, frozenset()))
+        now = time.monotonic()
+        if now - asked >= NODE_FRESH_S:
+            asked, services = await self._node_services(report.host, now)
+        kept, series, tcp = metrics.attribute(report, services)
+        if kept is not report and now - asked >= NODE_RECHECK_S:
+            asked, services = await self._node_services(report.host, now)
+            kept, series, tcp = metrics.attribute(report, services)
+        if kept is report:
+            return report, doc
+        keep = set(series)
+        first = next((s for i, s in enumerate(report.series) if i not in keep), None)
+        direction, service, peer = first.labels[:3] if first else ("inbound", "", "")
+        why = (
+            _unattributed_why(direction, service, report.host, services)
+            if first
+            else "inbound TCP figures of a service Consul does not have on the node"
+        )
+        refused = len(report.series) - len(series) + len(report.tcp) - len(tcp)
+        self.fleet.overflow.unattributed += refused
+        _log.warning(
+            "metrics_series_unattributed", agent=report.agent, seq=report.seq,
+            direction=direction, service=service, peer=peer, why=why, refused=refused,
+        )  # fmt: skip
+        doc = {
+            **doc,
+            "series": [doc["series"][i] for i in series],
+            "tcp": [doc.get("tcp", [])[i] for i in tcp],
+        }
+        return kept, doc
+
+    async def _node_services(self, name: str, now: float) -> tuple[float, frozenset[str]]:
+        node = await self.catalog.node(name)
+        services = node.services if node is not None and node.name == name else frozenset()
+        if len(self._nodes) >= MAX_NODES_CACHED:
+            self._nodes.clear()
+        self._nodes[name] = (now, services)
+        return now, services
 
     async def _metrics_query(self, req: Request) -> Response:
         self._check_replayed()
@@ -386,6 +437,14 @@ class ControllerApi:
                 "not_after": info.not_after,
             },
         )
+
+
+def _unattributed_why(direction: str, service: str, node: str, services: frozenset[str]) -> str:
+    if direction == "inbound" and service not in services:
+        return f"Consul has no service {service!r} on node {node!r}"
+    if direction == "inbound":
+        return "the caller is not an identity of this mesh"
+    return f"the caller is neither node {node!r} nor one of its services"
 
 
 def _parse_body(body: bytes, *, need_service: bool) -> tuple[bytes, str]:

@@ -59,7 +59,7 @@ import re
 import threading
 from array import array
 from collections.abc import Generator, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
@@ -228,6 +228,58 @@ def _series(s: Any, where: str) -> SeriesReport:
     return SeriesReport(labels, count, hdr.encode("ascii"), counts)
 
 
+OVERFLOW = "overflow"  # service and peer of an agent's series past its MAX_SERIES
+
+
+def attribute(report: Report, services: frozenset[str]) -> tuple[Report, list[int], list[int]]:
+    """The part of ``report`` its node can be held to, given the service names Consul has
+    registered on that node (pure): the kept report and the indices of the series and TCP
+    entries kept.
+
+    A report speaks for one node, whose certificate sent it.  Inbound figures are the node's
+    own services as served there: ``service`` must be registered on the node, and ``peer`` (the
+    caller's verified certificate) an identity of this mesh, or empty (no caller named).  Outbound figures are the node's
+    calls: ``peer`` (the caller) must be the node itself or one of its services; the callee
+    and the host that served it are the caller's own view of its calls.  An agent's
+    ``overflow`` series (service and peer both ``overflow``) names nobody else.  So no node can
+    put figures on a service it does not run or on calls it did not make."""
+    node = spiffe.parse(report.agent)  # parse_report made sure it is a node identity
+    assert node is not None
+    td, dc, me = node.trust_domain, node.datacenter, report.agent
+    mine = {spiffe.service_id(td, dc, s).uri for s in services}
+    seen: dict[str, bool] = {}
+
+    def ours(uri: str) -> bool:
+        v = seen.get(uri)
+        if v is None:
+            ident = spiffe.parse(uri)
+            v = ident is not None and (ident.trust_domain, ident.datacenter) == (td, dc)
+            seen[uri] = v
+        return v
+
+    def ok(direction: str, service: str, peer: str) -> bool:
+        if service == OVERFLOW and peer == OVERFLOW:
+            return True
+        if direction == "inbound":
+            return service in services and (peer == "" or ours(peer))
+        return peer == me or peer in mine
+
+    series = [i for i, s in enumerate(report.series) if ok(*s.labels[:3])]
+    tcp = [
+        i
+        for i, t in enumerate(report.tcp)
+        if t.direction == "outbound" or t.service in services or t.service == OVERFLOW
+    ]
+    if len(series) == len(report.series) and len(tcp) == len(report.tcp):
+        return report, series, tcp
+    kept = replace(
+        report,
+        series=tuple(report.series[i] for i in series),
+        tcp=tuple(report.tcp[i] for i in tcp),
+    )
+    return kept, series, tcp
+
+
 _per_thread = threading.local()  # the journal replays in a worker thread while the API parses
 
 
@@ -371,6 +423,7 @@ class Overflow:
     reports_dropped_by_agents: int = 0  # the agents' own backlog drops, as they reported them
     slots_coarsened: int = 0  # slots whose 10 s detail went for memory (their block stays)
     blocks_evicted: int = 0  # five-minute blocks that went for memory before their hour
+    unattributed: int = 0  # series and TCP entries refused: labels their node cannot claim
 
 
 @dataclass(frozen=True)
@@ -712,6 +765,7 @@ class FleetMetrics:
                 "reports_dropped_by_agents": o.reports_dropped_by_agents,
                 "slots_coarsened": o.slots_coarsened,
                 "blocks_evicted": o.blocks_evicted,
+                "unattributed": o.unattributed,
             },
         )
 
