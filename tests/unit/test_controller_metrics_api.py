@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from nodemesh.controller.api import ControllerApi, Request, Response
 from nodemesh.controller.catalog import NodeInfo
@@ -203,20 +204,22 @@ async def _rows(api: ControllerApi, direction: str = "inbound") -> dict[str, int
 
 
 async def test_a_node_cannot_put_inbound_figures_on_a_service_it_does_not_run(
-    api: ControllerApi, capsys: pytest.CaptureFixture[str]
+    api: ControllerApi,
 ) -> None:
     """host-a runs web only: its inbound series for payments (9 s, as the review's poisoned
     fleet showed) are refused, logged with the label, and counted; web's are kept."""
     doc = _with(
         [_series("inbound", "web", WEB_SVC), _series("inbound", "payments", "", (9_000_000,) * 9)]
     )
-    resp = await api.handle(_post(doc))
+    with structlog.testing.capture_logs() as logs:
+        resp = await api.handle(_post(doc))
     assert (resp.status, _doc(resp)["accepted"]) == (200, True)
+    (event,) = [e for e in logs if e["event"] == "metrics_series_unattributed"]
+    assert (event["service"], event["refused"]) == ("payments", 1)
+    assert "no service 'payments' on node 'host-a'" in event["why"]
     assert await _rows(api) == {"web": 1}
     answer = _doc(await api.handle(_get("window=1m&by=service")))
     assert answer["overflow"]["unattributed"] == 1
-    out = capsys.readouterr().out + capsys.readouterr().err
-    assert "metrics_series_unattributed" in out and "payments" in out
 
 
 @pytest.mark.parametrize(
