@@ -31,6 +31,7 @@ from nodemesh.proxy.http1 import MAX_HEADER_BYTES, IdleSet, serve_http1
 from nodemesh.proxy.pool import Pool, Upstream
 from nodemesh.transport.edges import close_quietly
 from tests.component.meshpair import (
+    A_IP,
     APP,
     DC,
     NODE_A,
@@ -1201,3 +1202,58 @@ async def test_an_address_two_services_claim_is_refused_not_given_to_either(
         # Refused as ambiguous: not sent to b, nor dialed as egress (plain, to whoever listens).
         assert dialed == []
         assert (m.pair.agent_links, m.pair.app_links) == (0, 0)
+
+
+# --- the identity a request speaks as ----------------------------------------------------------
+
+SHOP = spiffe.service_id(TD, DC, "shop")
+
+
+def _outbound_peers(m: Mesh) -> dict[str, int]:
+    return {s.peer: s.count for s in m.pair.a.recorder.series() if s.direction == "outbound"}
+
+
+async def test_a_pooled_connection_never_carries_a_request_for_another_identity(
+    autojump_clock: Clock,
+) -> None:
+    """Host a runs one meshed service, ``shop``, so a speaks as shop; then ``cart`` is
+    registered on a too, and a speaks as its node.  Before, the connection pooled as shop
+    carried the next calls, so web saw shop while a's metrics said node/a.  Now a request
+    rides only a connection opened as the identity it is counted under; and back again."""
+    raw = catalog()
+    raw["shop"] = [_entry("a", A_IP, 9000)]
+    async with mesh() as m:
+        _issue(m.pair.a.identities, SHOP)
+        m.pair.a.publish(build(raw, "a"))
+        c = await m.connect()
+        expected = []
+        for step in ("shop", "shop and cart", "shop again"):
+            if step == "shop and cart":
+                raw["cart"] = [_entry("a", A_IP, 9001)]
+            elif step == "shop again":
+                del raw["cart"]
+            m.pair.a.publish(build(raw, "a"))
+            r = await c.request(target=b"/" + step.encode().replace(b" ", b"-"))
+            assert r.status == 200, r.body
+            expected.append([(NODE_A if step == "shop and cart" else SHOP).uri.encode()])
+        await m.route.settled(3)
+        assert [ex.headers(CLIENT_ID_HEADER) for ex in m.app.exchanges] == expected
+        assert _outbound_peers(m) == {SHOP.uri: 2, NODE_A.uri: 1}
+        assert m.pair.agent_links == 2  # one per identity; shop's was pooled and reused
+
+
+async def test_a_source_without_its_certificate_yet_speaks_and_counts_as_the_node(
+    autojump_clock: Clock,
+) -> None:
+    """``shop`` is a's only service but its certificate has not arrived: the connection
+    presents the node's, and the request is counted as the node's (before: counted as shop)."""
+    raw = catalog()
+    raw["shop"] = [_entry("a", A_IP, 9000)]
+    async with mesh() as m:
+        m.pair.a.publish(build(raw, "a"))
+        assert m.pair.a.source_identity() == SHOP
+        c = await m.connect()
+        assert (await c.request()).status == 200
+        await m.route.settled(1)
+        assert m.app.exchanges[0].headers(CLIENT_ID_HEADER) == [NODE_A.uri.encode()]
+        assert _outbound_peers(m) == {NODE_A.uri: 1}

@@ -72,6 +72,16 @@ class AgentState:
         """The identity outbound connections present (fixed per snapshot: read per request)."""
         return self._source
 
+    def presented_source(self) -> str:
+        """The SPIFFE ID URI a new outbound request speaks as: ``source_identity()`` once its
+        certificate is held, the node's until then (what a mesh connection would present).
+        Requests ride only connections opened as this identity, and are counted under it, so
+        the peer's view and this agent's metrics agree (read per request)."""
+        src = self._source
+        if src.kind != "node" and self.identities.held(src) is None:
+            src = self.node_identity
+        return src.uri
+
     def _pick_source(self, snap: Snapshot) -> SpiffeId:
         """A host running exactly one meshed service speaks as that service; a host with several
         (or none) speaks as its node, since the agent cannot yet tell which local process

@@ -60,6 +60,9 @@ from nodemesh.transport.streams import TLSIO, SocketIO
 
 _log = log.get("nodemesh.outbound")
 TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds
+# A pooled mesh connection's key: the peer agent's address, the service it must prove, and the
+# identity (SPIFFE ID URI) this agent presented on it.
+MeshKey = tuple[tuple[str, int], str, str]
 CONNECT_ATTEMPTS = 3  # endpoints tried when connecting fails (nothing was sent yet)
 
 
@@ -68,7 +71,9 @@ class Outbound:
         self.agent = agent
         self.dial = dial  # TCP in production; the component tests' mesh pair passes its own
         cfg = agent.cfg
-        # HTTP/1.1 from apps: pooled keep-alive mTLS connections per (peer agent, service).
+        # HTTP/1.1 from apps: pooled keep-alive mTLS connections per (peer agent, service,
+        # the identity presented): a connection speaks for the identity it was opened with,
+        # so a request may ride it only while that is still the identity requests speak as.
         self.pool = Pool(
             self._connect_http1,
             max_idle_per_key=cfg.max_idle_per_peer,
@@ -88,26 +93,32 @@ class Outbound:
     # -- mesh connections ---------------------------------------------------------------------
 
     async def _connect(self, key: Hashable) -> trio.abc.Stream:
-        (host, port), service = cast(tuple[tuple[str, int], str], key)
-        tls = await self.open_mesh(host, port, service)
+        (host, port), service, source = cast(MeshKey, key)
+        tls = await self.open_mesh(host, port, service, source)
         if tls.selected_alpn_protocol() != "h2":
             await close_quietly(tls)
             raise UpstreamConnectError(f"agent at {host}:{port} does not speak HTTP/2; upgrade it")
         return tls
 
-    async def _connect_http1(self, key: tuple[tuple[str, int], str]) -> Upstream:
-        (host, port), service = key
-        tls = await self.open_mesh(host, port, service, http1=True)
+    async def _connect_http1(self, key: MeshKey) -> Upstream:
+        (host, port), service, source = key
+        tls = await self.open_mesh(host, port, service, source, http1=True)
         if tls.selected_alpn_protocol() != "http/1.1":
             await close_quietly(tls)
             raise UpstreamConnectError(f"agent at {host}:{port} refused http/1.1; upgrade it")
         return Upstream(key, tls)
 
-    async def open_mesh(self, host: str, port: int, service: str, *, http1: bool = False) -> TLSIO:
-        """An mTLS connection to the agent at host:port that proves it serves ``service``."""
+    async def open_mesh(
+        self, host: str, port: int, service: str, source: str, *, http1: bool = False
+    ) -> TLSIO:
+        """An mTLS connection to the agent at host:port that proves it serves ``service``, on
+        which this agent presents ``source`` (a SPIFFE ID URI of its own)."""
         cfg = self.agent.cfg
         expected = self.agent.service_identity(service)
-        ctx = self.agent.identities.client_context(self.agent.source_identity(), http1=http1)
+        ident = spiffe.parse(source)
+        if ident is None:  # only ever our own presented_source()
+            raise UpstreamConnectError(f"{source!r} is not an identity of this agent")
+        ctx = self.agent.identities.client_context(ident, http1=http1)
         tcp = await self.dial(host, port, cfg.outbound_connect_timeout)
         tls = await open_tls(tcp, ctx, spiffe.server_name(expected), TLS_HANDSHAKE_TIMEOUT)
         got = peer_identity(tls)
@@ -294,7 +305,8 @@ class Outbound:
 
     async def _open_tunnel(self, ep: Endpoint) -> H2Stream:
         """A CONNECT stream to ``ep`` through its agent, once the agent reached the app."""
-        stream = await self.mux.open_stream((ep.peer, ep.service))
+        source = self.agent.presented_source()
+        stream = await self.mux.open_stream((ep.peer, ep.service, source))
         target = f"{ep.address}:{ep.port}".encode()
         try:
             await stream.send_headers([(b":method", b"CONNECT"), (b":authority", target)])
@@ -319,7 +331,7 @@ class OutboundRoute:
     HTTP/1.1 mTLS connection to the chosen endpoint's agent.  HTTP/2 (``open_stream``): each
     stream goes on a multiplexed connection the same way."""
 
-    __slots__ = ("_ep", "_host", "_out", "authority", "service")
+    __slots__ = ("_ep", "_host", "_out", "_source", "authority", "service")
     # The peer agent's own error header says why it answered an error: the app may see it.
     keep_headers = frozenset({ERROR_HEADER})
 
@@ -329,6 +341,7 @@ class OutboundRoute:
         self.authority = f"{ip}:{port}".encode()
         self._ep: Endpoint | None = None
         self._host = ""  # the node that served the last exchange, until it is recorded
+        self._source = ""  # the identity the last exchange's connection presented, likewise
 
     async def open(
         self, req: Request, head: RequestHead, *, fresh: bool
@@ -337,11 +350,12 @@ class OutboundRoute:
         # endpoint is always safe (any method).  The failed one is penalised in the balancer.
         out = self._out
         balancer = out.agent.balancer(self.service)
+        self._source = source = out.agent.presented_source()
         for attempt in range(CONNECT_ATTEMPTS):
             ep = balancer.pick()
             start = time.perf_counter()
             try:
-                up = await out.pool.acquire((ep.peer, self.service), fresh=fresh)
+                up = await out.pool.acquire((ep.peer, self.service, source), fresh=fresh)
             except ProxyError:
                 balancer.done(ep, time.perf_counter() - start, failed=True)
                 if attempt + 1 == CONNECT_ATTEMPTS or len(balancer.endpoints) < 2:
@@ -359,11 +373,12 @@ class OutboundRoute:
         # A stream that could not be opened carried no request byte, so trying another
         # endpoint is always safe (any method).  The failed one is penalised in the balancer.
         balancer = self._out.agent.balancer(self.service)
+        self._source = source = self._out.agent.presented_source()
         for attempt in range(CONNECT_ATTEMPTS):
             ep = balancer.pick()
             start = time.perf_counter()
             try:
-                stream = await self._out.mux.open_stream((ep.peer, self.service))
+                stream = await self._out.mux.open_stream((ep.peer, self.service, source))
                 dst = (DST_HEADER, f"{ep.address}:{ep.port}".encode())
                 await stream.send_headers([*head, dst], end=end)
             except ProxyError:
@@ -411,13 +426,15 @@ class OutboundRoute:
             )
         else:
             route = DEFAULT_ROUTE
+        # The identity the request's connection presented, which is what the peer saw; before
+        # any connection (refused up front), the one requests speak as now.
         agent.recorder.request(
             "outbound",
             self.service,
-            agent.source_identity().uri,
+            self._source or agent.presented_source(),
             status,
             elapsed,
             route,
             self._host,
         )
-        self._host = ""
+        self._host = self._source = ""
