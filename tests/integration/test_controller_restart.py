@@ -104,11 +104,14 @@ async def _close_pipe(proc: trio.Process) -> None:
 
 @pytest.fixture
 async def controller(dev_consul: DevConsul, tmp_path: Path) -> AsyncIterator[Controller]:
+    # The controller counts only what a report's node can be held to: web runs on NODE.
+    dev_consul.client().agent.service.register("web", service_id="restart-test-web", port=8080)
     ctl = Controller(tmp_path, dev_consul.http_port)
     try:
         yield ctl
     finally:
         await ctl.close()
+        dev_consul.client().agent.service.deregister("restart-test-web")
 
 
 async def _node_pair(client: ControllerClient) -> tuple[bytes, bytes]:
@@ -139,7 +142,8 @@ def _report(agent: str, seq: int, end: float, base_us: int) -> dict[str, Any]:
         h = new_histogram()
         for i in range(20 + seq):
             h.record_value(base_us + 13 * i * (k + 1))
-        labels = {"direction": direction, "service": service, "peer": PEER, "status": status,
+        peer = PEER if direction == "inbound" else agent  # the caller: web's, or this node
+        labels = {"direction": direction, "service": service, "peer": peer, "status": status,
                   "route": "get" if k else "", "endpoint": "db-1" if k == 2 else ""}  # fmt: skip
         items.append({"labels": labels, "count": 20 + seq, "hdr": h.encode().decode()})
     tcp = [{"direction": "inbound", "service": "web", "opened": seq, "closed": 1,

@@ -41,6 +41,7 @@ import trio
 
 from nodemesh import log
 from nodemesh.controller import metrics
+from nodemesh.controller.audit import Issuance, IssuanceLog
 from nodemesh.controller.catalog import ConsulUnavailable, NodeInfo
 from nodemesh.controller.journal import JournalError, MetricsJournal
 from nodemesh.errors import IdentityError, NodemeshError
@@ -133,8 +134,10 @@ class ControllerApi:
         fleet: metrics.FleetMetrics | None = None,
         clock: Callable[[], float] = time.time,
         journal: MetricsJournal | None = None,
+        audit: IssuanceLog | None = None,
     ) -> None:
         self.ca = ca
+        self.audit = audit  # None: issuances are logged, not recorded on disk (tests)
         self.fleet = fleet if fleet is not None else metrics.FleetMetrics()
         self.journal = journal  # None: metrics live in memory only
         self._clock = clock
@@ -224,7 +227,7 @@ class ControllerApi:
                 f"request comes from {req.peer_ip} but Consul has node {node.name!r} at "
                 f"{node.address}; request the node certificate from the node itself",
             )
-        return self._issue(csr_pem, asked)
+        return self._issue(csr_pem, asked, req)
 
     async def _sign_service(self, req: Request) -> Response:
         caller = self._gate_sign_service(req)
@@ -238,7 +241,7 @@ class ControllerApi:
                 "register it there first",
             )
         return self._issue(
-            csr_pem, spiffe.service_id(self.ca.trust_domain, self.datacenter, service)
+            csr_pem, spiffe.service_id(self.ca.trust_domain, self.datacenter, service), req
         )
 
     async def _metrics_report(self, req: Request) -> Response:
@@ -422,13 +425,28 @@ class ControllerApi:
             )
         return node
 
-    def _issue(self, csr_pem: bytes, identity: SpiffeId) -> Response:
+    def _issue(self, csr_pem: bytes, identity: SpiffeId, req: Request) -> Response:
         try:
             chain = self.ca.sign_csr(csr_pem, identity, self.leaf_ttl)
         except IdentityError as e:
             raise ApiError(400, str(e)) from None
         info = keys.leaf_info(chain)
-        _log.info("certificate_issued", identity=str(identity), serial=format(info.serial, "x"))
+        entry = Issuance(
+            time=self._clock(),
+            identity=str(identity),
+            serial=format(info.serial, "x"),
+            not_after=info.not_after,
+            requester_ip=req.peer_ip,
+            requester=str(req.peer) if req.peer is not None else "join token",
+            key_sha256=keys.key_sha256(chain),
+        )
+        if self.audit is not None:
+            try:  # on the record before the certificate leaves: never signed off it
+                self.audit.record(entry)
+            except IdentityError as e:
+                _log.error("certificate_not_recorded", identity=str(identity), error=str(e))
+                raise ApiError(503, str(e)) from None
+        _log.info("certificate_issued", **dataclasses.asdict(entry))
         return Response.json(
             200,
             {

@@ -127,3 +127,45 @@ def _print_summary(summary: dict[str, str]) -> None:
     width = max(len(k) for k in summary)
     for key, value in summary.items():
         click.echo(f"{key.replace('_', ' '):<{width}}  {value}")
+
+
+@ca.command("issued")
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=DEFAULT_STATE,
+    show_default=True,
+)
+@click.option("-n", "--limit", type=click.IntRange(1, 100_000), default=20, show_default=True)
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+def ca_issued(state_dir: Path, limit: int, output: str) -> None:
+    """List the newest certificates the controller issued: who asked, from where, with which
+    key (from STATE_DIR/issued.jsonl, on the controller host)."""
+    from datetime import UTC, datetime
+
+    from nodemesh.controller.audit import ISSUED_FILE, IssuanceLog
+
+    log_file = IssuanceLog(state_dir)
+    try:
+        entries = log_file.recent(limit)
+    except NodemeshError as e:
+        _fail("nodemesh ca issued", e)
+    if output == "json":
+        click.echo(json.dumps(entries, indent=2))
+        return
+    if not entries:
+        click.echo(f"no issuances recorded in {state_dir / ISSUED_FILE}")
+        return
+
+    def when(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    rows = [
+        (when(e["time"]), e["identity"], e["serial"][:16], when(e["not_after"]),
+         e["requester"], e["requester_ip"], e["key_sha256"][:16])
+        for e in entries
+    ]  # fmt: skip
+    head = ("ISSUED", "IDENTITY", "SERIAL", "EXPIRES", "REQUESTER", "FROM", "KEY SHA-256")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())

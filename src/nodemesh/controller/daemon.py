@@ -25,6 +25,7 @@ from nodemesh.config import (
     read_secret,
 )
 from nodemesh.controller.api import ControllerApi, serve_api
+from nodemesh.controller.audit import IssuanceLog
 from nodemesh.controller.catalog import CONTROLLER_SERVICE, Catalog, ConsulUnavailable
 from nodemesh.controller.journal import JOURNAL_DIR, MetricsJournal
 from nodemesh.controller.metrics import FleetMetrics
@@ -108,7 +109,10 @@ async def serve_controller(
     own = OwnCertificate(ca, me, ip, cfg.leaf_ttl)
     fleet = FleetMetrics()
     journal = MetricsJournal(cfg.state_dir / JOURNAL_DIR)
-    api = ControllerApi(ca, catalog, token, cfg.datacenter, cfg.leaf_ttl, fleet, journal=journal)
+    audit = IssuanceLog(cfg.state_dir)
+    api = ControllerApi(
+        ca, catalog, token, cfg.datacenter, cfg.leaf_ttl, fleet, journal=journal, audit=audit
+    )
     service_id = f"{CONTROLLER_SERVICE}-{cfg.node}"
     try:
         async with trio.open_nursery() as nursery:

@@ -238,8 +238,9 @@ def attribute(report: Report, services: frozenset[str]) -> tuple[Report, list[in
 
     A report speaks for one node, whose certificate sent it.  Inbound figures are the node's
     own services as served there: ``service`` must be registered on the node, and ``peer`` (the
-    caller's verified certificate) an identity of this mesh, or empty (no caller named).  Outbound figures are the node's
-    calls: ``peer`` (the caller) must be the node itself or one of its services; the callee
+    caller's verified certificate) an identity of this mesh, or empty (no caller named).
+    Outbound figures are the node's calls: ``peer`` (the caller) must be the node itself or
+    one of its services; the callee
     and the host that served it are the caller's own view of its calls.  An agent's
     ``overflow`` series (service and peer both ``overflow``) names nobody else.  So no node can
     put figures on a service it does not run or on calls it did not make."""

@@ -131,6 +131,19 @@ def leaf_info(cert_pem: bytes) -> LeafInfo:
     )
 
 
+def key_sha256(cert_pem: bytes) -> str:
+    """SHA-256 of the first certificate's public key (SubjectPublicKeyInfo, DER), hex: the
+    same for every certificate of one key, as ``openssl x509 -pubkey -noout | openssl pkey
+    -pubin -outform DER | sha256sum`` prints it."""
+    cert = load_certificates(cert_pem)[0]
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(spki)
+    return digest.finalize().hex()
+
+
 def public_keys_match(cert_pem: bytes, key_pem: bytes) -> bool:
     cert = load_certificates(cert_pem)[0]
     key = load_private_key(key_pem)
