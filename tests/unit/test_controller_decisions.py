@@ -34,7 +34,9 @@ class Directory:
 
 
 NODES = {
-    "host-a": NodeInfo("host-a", "198.18.0.1", frozenset({"web", "api"}), alive=True),
+    "host-a": NodeInfo(
+        "host-a", "198.18.0.1", frozenset({"web", "api", "nodemesh-controller", "consul"}), True
+    ),
     "host-dead": NodeInfo("host-dead", "198.18.0.9", frozenset({"web"}), alive=False),
 }
 
@@ -146,6 +148,9 @@ async def test_service_identity_for_a_service_on_the_callers_node(
         (spiffe.service_id(TD, DC, "web"), "web", 403, "is not a node of datacenter"),
         (spiffe.node_id(TD, "dc9", "host-a"), "web", 403, "is not a node of datacenter"),
         (HOST_A, "db", 403, "no service 'db' registered on node 'host-a'"),
+        # Registered on the node, but the controller's own name (its SPIFFE ID) and Consul's.
+        (HOST_A, "nodemesh-controller", 403, "is nodemesh's or Consul's own and is never meshed"),
+        (HOST_A, "consul", 403, "gets no service identity"),
         (spiffe.node_id(TD, DC, "gone"), "web", 403, "'gone' is not in Consul's catalog"),
         (spiffe.node_id(TD, DC, "Host-A"), "web", 403, "names this node 'host-a', not 'Host-A'"),
         (spiffe.node_id(TD, DC, "host-dead"), "web", 403, "serfHealth check is not passing"),

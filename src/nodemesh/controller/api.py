@@ -44,6 +44,7 @@ from nodemesh.controller import metrics
 from nodemesh.controller.audit import Issuance, IssuanceLog
 from nodemesh.controller.catalog import ConsulUnavailable, NodeInfo
 from nodemesh.controller.journal import JournalError, MetricsJournal
+from nodemesh.discovery.snapshot import UNMESHED_SERVICES
 from nodemesh.errors import IdentityError, NodemeshError
 from nodemesh.identity import keys, spiffe, tls
 from nodemesh.identity.ca import CertificateAuthority
@@ -233,6 +234,14 @@ class ControllerApi:
         caller = self._gate_sign_service(req)
         csr_pem, service = _parse_body(req.body, need_service=True)
         _load_csr(csr_pem)
+        if service in UNMESHED_SERVICES:
+            # svc/nodemesh-controller is the controller's own SPIFFE ID: anyone who could
+            # register that name in Consul on a node was handed it.
+            raise ApiError(
+                403,
+                f"service {service!r} is nodemesh's or Consul's own and is never meshed, so it "
+                "gets no service identity; register the app under another name",
+            )
         node = await self._known_node(caller.name)
         if service not in node.services:
             raise ApiError(
