@@ -56,7 +56,7 @@ def write_credentials(ca: CertificateAuthority, where: Path, node: str = "ops") 
 
 class FakeController:
     def __init__(self, ca: CertificateAuthority) -> None:
-        ident = spiffe.node_id(TD, DC, "controller")
+        ident = spiffe.service_id(TD, DC, "nodemesh-controller")  # the controller's own ID
         key = keys.generate_key()
         chain = ca.sign_csr(
             keys.make_csr(key, ident), ident, 600, dns_names=("nodemesh-controller",)

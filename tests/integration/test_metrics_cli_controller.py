@@ -69,7 +69,7 @@ async def _nodemesh(*args: str) -> str:
 
 async def test_stat_and_edges_show_exactly_what_agents_reported(tmp_path: Path) -> None:
     ca = CertificateAuthority.create(TD)
-    own = OwnCertificate(ca, spiffe.node_id(TD, DC, "ctl"), "127.0.0.1", 600)
+    own = OwnCertificate(ca, spiffe.service_id(TD, DC, "nodemesh-controller"), "127.0.0.1", 600)
     api = ControllerApi(ca, EveryNode(), "token", DC, 3600)
     # Inside the newest finished 10 s slot, which every window includes.
     end = math.floor(time.time() / 10) * 10 - 1.0

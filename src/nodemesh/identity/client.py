@@ -10,8 +10,12 @@ is replaced by a fresh one at once: a report is safe to send twice, the controll
 de-duplicates by (agent, seq).  Only clients made with ``keep_reports`` keep one (the agent's;
 its reporter closes it when it stops).  The controller's certificate must chain to the CA
 file the operator installed and carry the DNS name ``nodemesh-controller``, whatever address
-it was reached at (an address from Consul may be a NAT-ed one).  Timeouts belong to the
-caller (``with trio.fail_after(...)``).
+it was reached at (an address from Consul may be a NAT-ed one).  It must also name exactly
+the controller's SPIFFE ID, ``spiffe://<td>/dc/<dc>/svc/nodemesh-controller`` (of this node's
+own trust domain and datacenter once it has a certificate), and, once this node holds a
+certificate, be issued by the same CA as that certificate (``check_controller``): the CA file
+may hold an operator's root above the mesh's intermediate, and a root vouches for much else.
+Timeouts belong to the caller (``with trio.fail_after(...)``).
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ from typing import Any
 
 import h11
 import trio
+from cryptography import x509
 
 from nodemesh.config import read_secret
 from nodemesh.errors import ConfigError, IdentityError
-from nodemesh.identity import tls
+from nodemesh.identity import keys, spiffe, tls
+from nodemesh.identity.spiffe import SpiffeId
 
 CONTROLLER_NAME = "nodemesh-controller"  # DNS SAN of the controller's cert and its Consul name
 MAX_RESPONSE = 256 * 1024  # a chain plus roots is a few KiB; anything bigger is not ours
@@ -90,7 +96,7 @@ class ControllerClient:
         self._ca_pem = ca_pem
         self._plain = self._context(None)  # checks the CA file's PEM early, at construction
         self._kept: _Kept | None = None  # the last report's connection (see the module doc)
-        self._pair_ctx: tuple[tuple[bytes, bytes], ssl.SSLContext] | None = None
+        self._pair_ctx: tuple[tuple[bytes, bytes], ssl.SSLContext, Expect] | None = None
 
     @classmethod
     def from_files(
@@ -239,8 +245,8 @@ class ControllerClient:
     ) -> tuple[int, bytes]:
         target = self._target()
         where = f"{target[0]}:{target[1]}"
-        ctx = self._plain if pair is None else self._pair_context(pair)
-        stream = await _connect(target, ctx, where)
+        ctx, expect = (self._plain, NO_PIN) if pair is None else self._pair_context(pair)
+        stream = await _connect(target, ctx, where, expect)
         try:
             with _failures(where):
                 return await _roundtrip(stream, method, path, body, headers, limit)
@@ -272,7 +278,8 @@ class ControllerClient:
                 return await self._use(kept, method, path, body, headers, where, reused=True)
             except _Stale:
                 pass  # closed by the controller meanwhile: a fresh connection below
-        stream = await _connect(target, self._pair_context(pair), where)
+        ctx, expect = self._pair_context(pair)
+        stream = await _connect(target, ctx, where, expect)
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE)
         fresh = _Kept(target, pair, stream, conn, 0.0)
         return await self._use(fresh, method, path, body, headers, where, reused=False)
@@ -306,24 +313,89 @@ class ControllerClient:
             else:
                 await trio.aclose_forcefully(kept.stream)
 
-    def _pair_context(self, pair: tuple[bytes, bytes]) -> ssl.SSLContext:
-        """The TLS context for ``pair``, built once per certificate (a renewal makes anew)."""
+    def _pair_context(self, pair: tuple[bytes, bytes]) -> tuple[ssl.SSLContext, Expect]:
+        """The TLS context for ``pair`` and what the controller must then be, built once per
+        certificate (a renewal makes anew)."""
         if self._pair_ctx is None or self._pair_ctx[0] != pair:
-            self._pair_ctx = (pair, self._context(pair))
-        return self._pair_ctx[1]
+            self._pair_ctx = (pair, self._context(pair), Expect.from_chain(pair[0]))
+        return self._pair_ctx[1], self._pair_ctx[2]
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What the controller's certificate must hold beyond a chain to the CA file."""
+
+    identity: SpiffeId | None  # its exact SPIFFE ID; None: any trust domain's controller ID
+    issuer: bytes | None  # the key identifier of the CA that issued it; None: any in the file
+
+    @classmethod
+    def from_chain(cls, chain: bytes) -> Expect:
+        """From this node's own certificate: same trust domain, datacenter and issuing CA."""
+        own = keys.leaf_info(chain).identity
+        ident = None
+        if own is not None:
+            ident = spiffe.service_id(own.trust_domain, own.datacenter, CONTROLLER_NAME)
+        return cls(ident, _issuer_key_id(keys.load_certificates(chain)[0]))
+
+
+NO_PIN = Expect(None, None)  # before this node holds a certificate (asking for its first)
+
+
+def _issuer_key_id(cert: x509.Certificate) -> bytes | None:
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return None
+    return aki.key_identifier
+
+
+def check_controller(der: bytes | None, expect: Expect) -> str | None:
+    """Why the certificate ``der`` (DER, its chain already verified) is not the controller's,
+    or None when it is (pure)."""
+    if not der:
+        return "presented no certificate"
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    ident = spiffe.parse(uris[0]) if len(uris) == 1 else None
+    want = expect.identity or f"spiffe://<trust domain>/dc/<dc>/svc/{CONTROLLER_NAME}"
+    if ident is None or (ident.kind, ident.name) != ("svc", CONTROLLER_NAME):
+        return f"presented {', '.join(uris) or 'no SPIFFE ID'}, not the controller's {want}"
+    if expect.identity is not None and ident != expect.identity:
+        return f"presented {ident}, not the controller's {want}"
+    if expect.issuer is not None and _issuer_key_id(cert) != expect.issuer:
+        return (
+            f"presented {ident} from a CA other than the one that issued this node's "
+            "certificate; check that it is this mesh's controller"
+        )
+    return None
 
 
 async def _connect(
-    target: tuple[str, int], ctx: ssl.SSLContext, where: str
+    target: tuple[str, int], ctx: ssl.SSLContext, where: str, expect: Expect
 ) -> trio.SSLStream[trio.SocketStream]:
-    """A TLS stream to the controller, not yet handshaken (the first send does it)."""
+    """A TLS stream to the controller, handshaken and checked (``check_controller``)."""
     try:
         tcp = await trio.open_tcp_stream(*target)
     except OSError as e:
         raise ControllerUnavailable(
             f"controller at {where} unreachable: {e.strerror or e}"
         ) from None
-    return trio.SSLStream(tcp, ctx, server_hostname=CONTROLLER_NAME, https_compatible=True)
+    stream = trio.SSLStream(tcp, ctx, server_hostname=CONTROLLER_NAME, https_compatible=True)
+    try:
+        with _failures(where):
+            await stream.do_handshake()
+        why = check_controller(stream.getpeercert(binary_form=True), expect)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    if why is not None:
+        await trio.aclose_forcefully(stream)
+        raise ControllerUnavailable(f"controller at {where} {why}")
+    return stream
 
 
 @contextlib.contextmanager
