@@ -255,7 +255,10 @@ async def test_the_agents_overflow_series_and_outbound_tcp_are_kept(api: Control
         for d, s in (("inbound", "web"), ("outbound", "payments"), ("inbound", "payments"))
     ]
     doc = _with([_series("inbound", "overflow", "overflow")], tcp=tcp)
-    assert (await api.handle(_post(doc))).status == 200
+    with structlog.testing.capture_logs() as logs:
+        assert (await api.handle(_post(doc))).status == 200
+    (event,) = [e for e in logs if e["event"] == "metrics_series_unattributed"]
+    assert event["service"] == "payments" and "TCP figures for 'payments'" in event["why"]
     answer = _doc(await api.handle(_get("window=1m&by=service")))
     assert {r["name"] for r in answer["rows"]} == {"overflow", "web"}
     assert answer["overflow"]["unattributed"] == 1  # inbound TCP of payments

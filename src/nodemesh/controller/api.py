@@ -300,14 +300,15 @@ class ControllerApi:
             kept, series, tcp = metrics.attribute(report, services)
         if kept is report:
             return report, doc
-        keep = set(series)
+        keep, keep_tcp = set(series), set(tcp)
         first = next((s for i, s in enumerate(report.series) if i not in keep), None)
-        direction, service, peer = first.labels[:3] if first else ("inbound", "", "")
-        why = (
-            _unattributed_why(direction, service, report.host, services)
-            if first
-            else "inbound TCP figures of a service Consul does not have on the node"
-        )
+        if first is not None:
+            direction, service, peer = first.labels[:3]
+            why = _unattributed_why(direction, service, report.host, services)
+        else:  # only TCP figures: an inbound one for a service not on the node
+            t = next(t for i, t in enumerate(report.tcp) if i not in keep_tcp)
+            direction, service, peer = t.direction, t.service, ""
+            why = f"TCP figures for {t.service!r}, which Consul does not have on {report.host!r}"
         refused = len(report.series) - len(series) + len(report.tcp) - len(tcp)
         self.fleet.overflow.unattributed += refused
         _log.warning(
