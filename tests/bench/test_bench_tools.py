@@ -4,6 +4,7 @@ real programs (skipped where a program is missing).  Run: .venv/bin/pytest tests
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import random
@@ -12,8 +13,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import ingest
 import measure
@@ -359,37 +361,34 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise AssertionError(f"nothing listened on {port}")
 
 
-def test_floor_relays_carry_bytes_both_ways_over_mtls(tmp_path: Path) -> None:
-    """floor.py's pair end to end: an echo server behind "in", a client in front of "out"; and
-    "in" refuses a TLS client without a certificate from the floor's CA (it is mTLS)."""
-    import socket
-    import ssl
+FLOOR = Path(__file__).resolve().parents[2] / "bench" / "floor.py"
 
-    script = Path(__file__).resolve().parents[2] / "bench" / "floor.py"
-    py = sys.executable
-    subprocess.run([py, str(script), "certs", str(tmp_path)], check=True, timeout=60)
-    echo = socket.create_server(("127.0.0.1", 0))
-    app_port = echo.getsockname()[1]
 
-    def echo_one(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
+def _serve_each(server: Any, handle: Callable[[Any], None]) -> None:
+    """Accept on ``server`` until it is closed, each connection (the readiness probes' too)
+    handled in a thread of its own."""
 
-    def serve_echo() -> None:  # every connection (the readiness probes' too) until closed
+    def accept() -> None:
         while True:
             try:
-                conn, _ = echo.accept()
+                conn, _ = server.accept()
             except OSError:
                 return
-            threading.Thread(target=echo_one, args=(conn,), daemon=True).start()
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
-    threading.Thread(target=serve_echo, daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+
+
+@contextlib.contextmanager
+def _floor_pair(certs: Path, app_port: int, *hop: str) -> Iterator[tuple[int, int]]:
+    """floor.py's relay pair in front of ``app_port``, certificates in ``certs``: yields
+    ("in"'s mTLS port, "out"'s plain port) once both listen; both stopped after."""
+    py = sys.executable
+    subprocess.run([py, str(FLOOR), "certs", str(certs)], check=True, timeout=60)
     tls_port, plain_port = _free_port(), _free_port()
+    relay = [py, str(FLOOR), "relay", *hop, "--certs", str(certs)]
     procs = [
-        subprocess.Popen(
-            [py, str(script), "relay", "--role", role, "--certs", str(tmp_path), "--route", route]
-        )
+        subprocess.Popen([*relay, "--role", role, "--route", route])
         for role, route in (
             ("in", f"127.0.0.1:{tls_port}=127.0.0.1:{app_port}"),
             ("out", f"127.0.0.1:{plain_port}=127.0.0.1:{tls_port}"),
@@ -398,29 +397,49 @@ def test_floor_relays_carry_bytes_both_ways_over_mtls(tmp_path: Path) -> None:
     try:
         for port, proc in zip((tls_port, plain_port), procs, strict=True):
             _wait_listening(port, proc)
-        payload = os.urandom(3 << 20)
-        with socket.create_connection(("127.0.0.1", plain_port), timeout=10.0) as c:
-            threading.Thread(target=c.sendall, args=(payload,), daemon=True).start()
-            got = bytearray()
-            while len(got) < len(payload):
-                chunk = c.recv(1 << 20)
-                assert chunk, f"closed after {len(got)} of {len(payload)} bytes"
-                got += chunk
-        assert got == payload
-        ctx = ssl.create_default_context(cafile=str(tmp_path / "roots.pem"))
-        ctx.check_hostname = False
-        with (
-            socket.create_connection(("127.0.0.1", tls_port), timeout=10.0) as raw,
-            pytest.raises((ssl.SSLError, ConnectionError)),
-            ctx.wrap_socket(raw) as tls,
-        ):
-            tls.sendall(b"x")
-            assert tls.recv(1) == b""  # TLS 1.3: the refusal comes after the handshake
-            raise ConnectionError("closed")
+        yield tls_port, plain_port
     finally:
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=10)
+
+
+def test_floor_relays_carry_bytes_both_ways_over_mtls(tmp_path: Path) -> None:
+    """floor.py's pair end to end: an echo server behind "in", a client in front of "out"; and
+    "in" refuses a TLS client without a certificate from the floor's CA (it is mTLS)."""
+    import socket
+    import ssl
+
+    echo = socket.create_server(("127.0.0.1", 0))
+
+    def echo_one(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    _serve_each(echo, echo_one)
+    try:
+        with _floor_pair(tmp_path, echo.getsockname()[1]) as (tls_port, plain_port):
+            payload = os.urandom(3 << 20)
+            with socket.create_connection(("127.0.0.1", plain_port), timeout=10.0) as c:
+                threading.Thread(target=c.sendall, args=(payload,), daemon=True).start()
+                got = bytearray()
+                while len(got) < len(payload):
+                    chunk = c.recv(1 << 20)
+                    assert chunk, f"closed after {len(got)} of {len(payload)} bytes"
+                    got += chunk
+            assert got == payload
+            ctx = ssl.create_default_context(cafile=str(tmp_path / "roots.pem"))
+            ctx.check_hostname = False
+            with (
+                socket.create_connection(("127.0.0.1", tls_port), timeout=10.0) as raw,
+                pytest.raises((ssl.SSLError, ConnectionError)),
+                ctx.wrap_socket(raw) as tls,
+            ):
+                tls.sendall(b"x")
+                assert tls.recv(1) == b""  # TLS 1.3: the refusal comes after the handshake
+                raise ConnectionError("closed")
+    finally:
         echo.close()
 
 
@@ -430,11 +449,7 @@ def test_floor_h1_relays_parse_and_reframe_each_request(tmp_path: Path) -> None:
     request with a body ends the connection (the relay serves GETs only)."""
     import socket
 
-    script = Path(__file__).resolve().parents[2] / "bench" / "floor.py"
-    py = sys.executable
-    subprocess.run([py, str(script), "certs", str(tmp_path)], check=True, timeout=60)
     app = socket.create_server(("127.0.0.1", 0))
-    app_port = app.getsockname()[1]
     seen: list[bytes] = []
     answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
 
@@ -448,43 +463,22 @@ def test_floor_h1_relays_parse_and_reframe_each_request(tmp_path: Path) -> None:
                     seen.append(head)
                     conn.sendall(answer)
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = app.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    tls_port, plain_port = _free_port(), _free_port()
-    relay = [py, str(script), "relay", "--hop", "h1", "--certs", str(tmp_path)]
-    procs = [
-        subprocess.Popen([*relay, "--role", role, "--route", route])
-        for role, route in (
-            ("in", f"127.0.0.1:{tls_port}=127.0.0.1:{app_port}"),
-            ("out", f"127.0.0.1:{plain_port}=127.0.0.1:{tls_port}"),
-        )
-    ]
+    _serve_each(app, serve_one)
     try:
-        for port, proc in zip((tls_port, plain_port), procs, strict=True):
-            _wait_listening(port, proc)
-        seen.clear()  # the readiness probes' connections carried no request
-        with socket.create_connection(("127.0.0.1", plain_port), timeout=10.0) as c:
-            for path in (b"/one", b"/two"):
-                c.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: app\r\nX-Thing: 1\r\n\r\n")
-                got = b""
-                while not got.endswith(b"hello"):
-                    chunk = c.recv(65536)
-                    assert chunk, f"closed after {got!r}"
-                    got += chunk
-                assert got.startswith(b"HTTP/1.1 200 OK\r\n")
-            c.sendall(b"POST / HTTP/1.1\r\nHost: app\r\nContent-Length: 2\r\n\r\nhi")
-            assert c.recv(65536) == b""
+        with _floor_pair(tmp_path, app.getsockname()[1], "--hop", "h1") as (_, plain_port):
+            seen.clear()  # the readiness probes' connections carried no request
+            with socket.create_connection(("127.0.0.1", plain_port), timeout=10.0) as c:
+                for path in (b"/one", b"/two"):
+                    c.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: app\r\nX-Thing: 1\r\n\r\n")
+                    got = b""
+                    while not got.endswith(b"hello"):
+                        chunk = c.recv(65536)
+                        assert chunk, f"closed after {got!r}"
+                        got += chunk
+                    assert got.startswith(b"HTTP/1.1 200 OK\r\n")
+                c.sendall(b"POST / HTTP/1.1\r\nHost: app\r\nContent-Length: 2\r\n\r\nhi")
+                assert c.recv(65536) == b""
         assert [h.split(b"\r\n")[0] for h in seen] == [b"GET /one HTTP/1.1", b"GET /two HTTP/1.1"]
         assert b"x-thing: 1" in seen[0]
     finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=10)
         app.close()

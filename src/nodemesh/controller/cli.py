@@ -67,18 +67,21 @@ def controller(config_path: Path) -> None:
         _fail("nodemesh controller", found)
 
 
+_state_dir = click.option(  # where the controller keeps its CA: every ``ca`` command's
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=DEFAULT_STATE,
+    show_default=True,
+)
+
+
 @click.group("ca")
 def ca() -> None:
     """Manage the mesh certificate authority offline."""
 
 
 @ca.command("init")
-@click.option(
-    "--state-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=DEFAULT_STATE,
-    show_default=True,
-)
+@_state_dir
 @click.option("--trust-domain", default="nodemesh.local", show_default=True)
 def ca_init(state_dir: Path, trust_domain: str) -> None:
     """Create the root CA under STATE_DIR (or keep the one already there)."""
@@ -98,12 +101,7 @@ def ca_init(state_dir: Path, trust_domain: str) -> None:
 
 
 @ca.command("show")
-@click.option(
-    "--state-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=DEFAULT_STATE,
-    show_default=True,
-)
+@_state_dir
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
 def ca_show(state_dir: Path, output: str) -> None:
     """Print the root CA's subject, fingerprint and validity."""
@@ -130,12 +128,7 @@ def _print_summary(summary: dict[str, str]) -> None:
 
 
 @ca.command("issued")
-@click.option(
-    "--state-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=DEFAULT_STATE,
-    show_default=True,
-)
+@_state_dir
 @click.option("-n", "--limit", type=click.IntRange(1, 100_000), default=20, show_default=True)
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
 def ca_issued(state_dir: Path, limit: int, output: str) -> None:
